@@ -1,0 +1,115 @@
+// factor ← decay·factor + (1−decay)·(ÂX̄)ᵀ diag(w) (ÂX̄) / Σw on the CPU, one block of rows at a
+// time, so that the [rows, d] aggregate ÂX is never held in memory at once.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../checks.h"
+#include "gram.h"
+#include "row_weight.h"
+
+namespace ngcuda::cpu {
+namespace {
+
+// Bytes of aggregated rows held at once: large enough for an efficient GEMM per block, small
+// enough to stay far below the N×d aggregate it replaces.
+constexpr int64_t kBlockBytes = 4 << 20;
+
+void check_csr_values(const at::Tensor& rowptr, const at::Tensor& col, int64_t x_rows) {
+  const int64_t nnz = col.numel();
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const int64_t rows = rowptr.numel() - 1;
+  TORCH_CHECK(rp[0] == 0, "ngcuda: rowptr must start at 0, got ", rp[0]);
+  TORCH_CHECK(rp[rows] == nnz, "ngcuda: rowptr must end at nnz = ", nnz, " (the length of col), got ",
+              rp[rows]);
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK(rp[i + 1] >= rp[i], "ngcuda: rowptr must be non-decreasing, but rowptr[", i + 1,
+                "] = ", rp[i + 1], " < rowptr[", i, "] = ", rp[i]);
+  }
+  if (nnz > 0) {
+    const int64_t lo = col.min().item<int64_t>();
+    const int64_t hi = col.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < x_rows, "ngcuda: col holds indices in [", lo, ", ", hi,
+                "], outside the ", x_rows, " rows of x");
+  }
+}
+
+template <typename scalar_t>
+void aggregate_rows(scalar_t* out, const int64_t* rows, int64_t count, const int64_t* rowptr,
+                    const int64_t* col, const scalar_t* value, const scalar_t* x, int64_t d) {
+  at::parallel_for(0, count, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* __restrict__ y = out + r * d;
+      std::fill(y, y + d, scalar_t(0));
+      const int64_t row = rows[r];
+      for (int64_t e = rowptr[row]; e < rowptr[row + 1]; ++e) {
+        const scalar_t v = value != nullptr ? value[e] : scalar_t(1);
+        const scalar_t* __restrict__ xr = x + col[e] * d;
+        for (int64_t k = 0; k < d; ++k) y[k] += v * xr[k];
+      }
+    }
+  });
+}
+
+void sparse_factor_update_cpu(const at::Tensor& factor, const at::Tensor& rowptr_in,
+                              const at::Tensor& col_in, const c10::optional<at::Tensor>& value,
+                              const at::Tensor& x, double decay, bool append_bias,
+                              const c10::optional<at::Tensor>& row_weight) {
+  check_float(x, "x");
+  check_dim(x, 2, "x");
+  check_same_device(x, factor, "x", "factor");
+  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
+  check_decay(decay);
+  check_csr_shapes(rowptr_in, col_in, value, factor);
+  const int64_t rows = rowptr_in.numel() - 1;
+  check_row_weight(row_weight, rows, factor);
+  const at::Tensor rowptr = rowptr_in.contiguous();
+  const at::Tensor col = col_in.contiguous();
+  check_csr_values(rowptr, col, x.size(0));
+
+  const auto opts = factor.options();
+  at::Tensor row_ids;
+  c10::optional<at::Tensor> w;
+  double total_weight = static_cast<double>(rows);
+  if (row_weight.has_value()) {
+    const KeptRows kept = keep_weighted_rows(*row_weight, factor.scalar_type());
+    total_weight = kept.total;
+    w = kept.weight;
+    if (kept.index.has_value()) row_ids = *kept.index;
+  }
+  if (total_weight == 0.0) return;
+  if (!row_ids.defined()) row_ids = at::arange(rows, rowptr.options());
+
+  const at::Tensor xs = x.to(opts.dtype()).contiguous();
+  const at::Tensor vs = value.has_value() ? value->to(opts.dtype()).contiguous() : at::Tensor();
+  const int64_t d = x.size(1);
+  const int64_t count = row_ids.numel();
+  const int64_t block =
+      std::max<int64_t>(1, std::min<int64_t>(count, kBlockBytes / (std::max<int64_t>(d, 1) *
+                                                                    factor.element_size())));
+  at::Tensor S = at::zeros({factor.size(0), factor.size(0)}, opts);
+  at::Tensor buffer = at::empty({block, d}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "ngcuda_sparse_factor_update", [&] {
+    for (int64_t b0 = 0; b0 < count; b0 += block) {
+      const int64_t nb = std::min(block, count - b0);
+      at::Tensor Y = buffer.narrow(0, 0, nb);
+      aggregate_rows<scalar_t>(Y.data_ptr<scalar_t>(), row_ids.data_ptr<int64_t>() + b0, nb,
+                               rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                               vs.defined() ? vs.data_ptr<scalar_t>() : nullptr,
+                               xs.data_ptr<scalar_t>(), d);
+      c10::optional<at::Tensor> wb;
+      if (w.has_value()) wb = w->narrow(0, b0, nb);
+      accumulate_gram_upper(S, Y, wb, append_bias);
+    }
+  });
+  blend_upper_into(factor, S, decay, (1.0 - decay) / total_weight);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ngcuda, CPU, m) { m.impl("sparse_factor_update_", &sparse_factor_update_cpu); }
+
+}  // namespace ngcuda::cpu

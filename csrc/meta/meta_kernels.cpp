@@ -1,0 +1,65 @@
+// Shape-only kernels for the Meta key, so that fake tensors (torch.compile, torch.export) trace
+// every op without running it. Checks that need only shapes run here as they do on real devices.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../precondition_checks.h"
+
+namespace ngcuda::meta {
+namespace {
+
+void factor_update_meta(const at::Tensor& factor, const at::Tensor& x, double decay,
+                        bool append_bias, const c10::optional<at::Tensor>& row_weight) {
+  check_dim(x, 2, "x");
+  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
+  check_decay(decay);
+  check_row_weight(row_weight, x.size(0), factor);
+}
+
+void sparse_factor_update_meta(const at::Tensor& factor, const at::Tensor& rowptr,
+                               const at::Tensor& col, const c10::optional<at::Tensor>& value,
+                               const at::Tensor& x, double decay, bool append_bias,
+                               const c10::optional<at::Tensor>& row_weight) {
+  check_dim(x, 2, "x");
+  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
+  check_decay(decay);
+  check_csr_shapes(rowptr, col, value, factor);
+  check_row_weight(row_weight, rowptr.numel() - 1, factor);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched_eigh_meta(
+    at::TensorList matrices, const c10::optional<at::TensorList>& prev, c10::optional<double> tol,
+    int64_t max_sweeps) {
+  std::vector<at::Tensor> values, vectors;
+  for (const at::Tensor& a : matrices) {
+    TORCH_CHECK(a.dim() == 2 && a.size(0) == a.size(1), "ngcuda: matrices must be square 2-D, got ",
+                a.sizes());
+    values.push_back(at::empty({a.size(0)}, a.options()));
+    vectors.push_back(at::empty_like(a));
+  }
+  const auto device = matrices.empty() ? at::Device(at::kMeta) : matrices[0].device();
+  at::Tensor status = at::empty({static_cast<int64_t>(matrices.size())},
+                                at::TensorOptions().dtype(at::kInt).device(device));
+  return {values, vectors, status};
+}
+
+std::vector<at::Tensor> precondition_meta(at::TensorList grads, at::TensorList QA,
+                                          at::TensorList lamA, at::TensorList QG,
+                                          at::TensorList lamG, double damping) {
+  check_precondition_args(grads, QA, lamA, QG, lamG, damping);
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& g : grads) out.push_back(at::empty_like(g));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ngcuda, Meta, m) {
+  m.impl("factor_update_", &factor_update_meta);
+  m.impl("sparse_factor_update_", &sparse_factor_update_meta);
+  m.impl("batched_eigh", &batched_eigh_meta);
+  m.impl("precondition", &precondition_meta);
+}
+
+}  // namespace ngcuda::meta

@@ -1,0 +1,205 @@
+"""Python front of ``torch.ops.ngcuda``: the four ops, with their shapes documented.
+
+Each call dispatches to the CPU or CUDA kernel by the tensors' device. On a device that has no
+compiled kernel (CUDA tensors with a CPU-only build) the plain-torch path of
+:mod:`ngcuda.reference` runs instead, after a one-time warning.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._extension import has_kernel
+
+__all__ = [
+    "factor_update_",
+    "sparse_factor_update_",
+    "batched_eigh",
+    "batched_eigh_with_status",
+    "check_eigh_status",
+    "precondition",
+    "EighStatus",
+]
+
+
+class EighStatus:
+    """Per-matrix codes of the ``status`` tensor that ``batched_eigh`` returns."""
+
+    OK = 0
+    NON_FINITE = 1
+    NOT_CONVERGED = 2
+    SOLVER_FAILED = 3
+
+
+_warned: set[str] = set()
+
+
+def _use_kernel(op: str, device: torch.device) -> bool:
+    if has_kernel(op, device):
+        return True
+    key = f"{op}:{device.type}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"ngcuda: no compiled {device.type} kernel for {op}; using the plain-PyTorch path. "
+            "Rebuild with the CUDA toolkit (NGCUDA_CUDA=1) for the fast kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def factor_update_(
+    factor: Tensor,
+    x: Tensor,
+    decay: float,
+    append_bias: bool = True,
+    row_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """In-place moving average of a Kronecker factor; returns ``factor``.
+
+    ``factor ← decay·factor + (1−decay)·x̄ᵀ diag(w) x̄ / Σw`` with ``x̄ = [x, 1]`` when
+    ``append_bias``.
+
+    Args:
+        factor: [D, D], float32 or float64, contiguous; D = d + 1 with ``append_bias``, else d.
+        x: [N, d], any float dtype (cast to the factor's).
+        decay: in [0, 1]; 0 replaces the factor, 1 leaves it unchanged.
+        row_weight: [N] non-negative weights, or None for ones. Weight 0 excludes a row; when
+            every weight is 0 (or N = 0) the factor is left unchanged.
+    """
+    if _use_kernel("factor_update_", factor.device):
+        torch.ops.ngcuda.factor_update_(factor, x, float(decay), bool(append_bias), row_weight)
+        return factor
+    return reference.factor_update_(factor, x, decay, append_bias, row_weight, compute_dtype=None)
+
+
+def sparse_factor_update_(
+    factor: Tensor,
+    rowptr: Tensor,
+    col: Tensor,
+    value: Optional[Tensor],
+    x: Tensor,
+    decay: float,
+    append_bias: bool = True,
+    row_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """:func:`factor_update_` with ``x`` replaced by ``ÂX``, never materialising ``ÂX``.
+
+    Args:
+        factor: [D, D] as in :func:`factor_update_`.
+        rowptr: [M+1] int64 CSR row pointers of Â (M rows).
+        col: [nnz] int64 column indices, each in [0, N).
+        value: [nnz] edge values, or None for ones.
+        x: [N, d] node features.
+        row_weight: [M] or None; rows of weight 0 cost nothing.
+    """
+    if _use_kernel("sparse_factor_update_", factor.device):
+        torch.ops.ngcuda.sparse_factor_update_(
+            factor, rowptr, col, value, x, float(decay), bool(append_bias), row_weight
+        )
+        return factor
+    return reference.sparse_factor_update_(
+        factor, rowptr, col, value, x, decay, append_bias, row_weight, compute_dtype=None
+    )
+
+
+def batched_eigh_with_status(
+    matrices: Sequence[Tensor],
+    prev_eigenvectors: Optional[Sequence[Tensor]] = None,
+    tol: Optional[float] = None,
+    max_sweeps: int = 15,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """:func:`batched_eigh` without the status check: returns ``(values, vectors, status)``.
+
+    ``status`` is an int32 [B] tensor on the matrices' device (see :class:`EighStatus`). Reading
+    it synchronises a CUDA device, so callers may check it later with :func:`check_eigh_status`.
+    """
+    matrices = list(matrices)
+    prev = None if prev_eigenvectors is None else list(prev_eigenvectors)
+    if not matrices:
+        return [], [], torch.zeros(0, dtype=torch.int32)
+    device = matrices[0].device
+    if _use_kernel("batched_eigh", device):
+        values, vectors, status = torch.ops.ngcuda.batched_eigh(matrices, prev, tol, int(max_sweeps))
+        return list(values), list(vectors), status
+    for i, a in enumerate(matrices):
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"ngcuda: batched_eigh: matrices[{i}] holds NaN or Inf")
+    values, vectors = reference.batched_eigh(matrices, compute_dtype=None)
+    return values, vectors, torch.zeros(len(matrices), dtype=torch.int32, device=device)
+
+
+def check_eigh_status(status: Tensor) -> None:
+    """Raises naming the first matrix whose eigendecomposition failed."""
+    bad = torch.nonzero(status != EighStatus.OK).flatten().tolist()
+    if not bad:
+        return
+    codes = status.tolist()
+    i = bad[0]
+    reason = {
+        EighStatus.NON_FINITE: "holds NaN or Inf",
+        EighStatus.NOT_CONVERGED: "did not converge",
+        EighStatus.SOLVER_FAILED: "made the solver fail",
+    }.get(codes[i], f"returned status {codes[i]}")
+    raise ValueError(f"ngcuda: batched_eigh: matrices[{i}] {reason} ({len(bad)} matrices failed)")
+
+
+def batched_eigh(
+    matrices: Sequence[Tensor],
+    prev_eigenvectors: Optional[Sequence[Tensor]] = None,
+    tol: Optional[float] = None,
+    max_sweeps: int = 15,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Eigendecomposes a list of symmetric matrices of any mix of sizes in one call.
+
+    Args:
+        matrices: B tensors [n_i, n_i], float32 or float64, all on one device.
+        prev_eigenvectors: None, or B tensors [n_i, n_i]: a warm start. Each matrix is rotated
+            into its previous basis (QᵀAQ) and finished with Jacobi sweeps.
+        tol: stop when the off-diagonal Frobenius norm is at most ``tol·‖A‖_F``; None picks
+            1e-7 for float32 and 1e-14 for float64.
+        max_sweeps: most Jacobi sweeps per matrix.
+
+    Returns:
+        ``(values, vectors)``: B tensors [n_i] ascending, and B tensors [n_i, n_i] whose
+        columns are orthonormal eigenvectors.
+
+    Raises:
+        ValueError: naming the index of a matrix with NaN/Inf, or of one that failed.
+    """
+    values, vectors, status = batched_eigh_with_status(matrices, prev_eigenvectors, tol, max_sweeps)
+    check_eigh_status(status)
+    return values, vectors
+
+
+def precondition(
+    grads: Sequence[Tensor],
+    QA: Sequence[Tensor],
+    lamA: Sequence[Tensor],
+    QG: Sequence[Tensor],
+    lamG: Sequence[Tensor],
+    damping: float,
+) -> list[Tensor]:
+    """``Q_G[(Q_Gᵀ g Q_A) / (λ_G λ_Aᵀ + damping)]Q_Aᵀ`` for every layer in one call.
+
+    Args:
+        grads: L tensors [d_out, d_in(+1)]; the last column is the bias when the layer has one.
+        QA, lamA: L tensors [d_in(+1), d_in(+1)] and [d_in(+1)]: eigenpairs of A.
+        QG, lamG: L tensors [d_out, d_out] and [d_out]: eigenpairs of G.
+        damping: Tikhonov damping γ ≥ 0, exact in the eigenbasis.
+
+    Returns:
+        L tensors shaped like ``grads``: ``(A⊗G + γI)⁻¹ vec(g)`` per layer.
+    """
+    grads = list(grads)
+    if not grads:
+        return []
+    if _use_kernel("precondition", grads[0].device):
+        return list(torch.ops.ngcuda.precondition(grads, list(QA), list(lamA), list(QG), list(lamG),
+                                                  float(damping)))
+    return reference.precondition(grads, QA, lamA, QG, lamG, damping, compute_dtype=None)
