@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 
 namespace ngcuda {
@@ -13,7 +14,7 @@ inline void check_float(const at::Tensor& t, const char* name) {
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == dim, "ngcuda: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, "ngcuda: ", name, " must be ", dim, "-D, got shape ", t.sym_sizes());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
@@ -23,13 +24,13 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
 }
 
 // A Kronecker factor of size [dim, dim]: square, contiguous, floating point.
-inline void check_factor(const at::Tensor& factor, int64_t dim) {
+inline void check_factor(const at::Tensor& factor, const c10::SymInt& dim) {
   check_float(factor, "factor");
   check_dim(factor, 2, "factor");
-  TORCH_CHECK(factor.size(0) == factor.size(1), "ngcuda: factor must be square, got shape ",
-              factor.sizes());
-  TORCH_CHECK(factor.size(0) == dim, "ngcuda: factor must be [", dim, ", ", dim,
-              "] to match x (with the bias column when append_bias), got ", factor.sizes());
+  TORCH_CHECK(factor.sym_size(0) == factor.sym_size(1), "ngcuda: factor must be square, got shape ",
+              factor.sym_sizes());
+  TORCH_CHECK(factor.sym_size(0) == dim, "ngcuda: factor must be [", dim, ", ", dim,
+              "] to match x (with the bias column when append_bias), got ", factor.sym_sizes());
   TORCH_CHECK(factor.is_contiguous(), "ngcuda: factor must be contiguous");
 }
 
@@ -37,14 +38,14 @@ inline void check_decay(double decay) {
   TORCH_CHECK(decay >= 0.0 && decay <= 1.0, "ngcuda: decay must lie in [0, 1], got ", decay);
 }
 
-inline void check_row_weight(const c10::optional<at::Tensor>& row_weight, int64_t rows,
+inline void check_row_weight(const c10::optional<at::Tensor>& row_weight, const c10::SymInt& rows,
                              const at::Tensor& ref) {
   if (!row_weight.has_value()) return;
   const at::Tensor& w = *row_weight;
   check_float(w, "row_weight");
   check_dim(w, 1, "row_weight");
-  TORCH_CHECK(w.size(0) == rows, "ngcuda: row_weight must have ", rows, " entries (one per row), got ",
-              w.size(0));
+  TORCH_CHECK(w.sym_size(0) == rows, "ngcuda: row_weight must have ", rows, " entries (one per row), got ",
+              w.sym_size(0));
   check_same_device(w, ref, "row_weight", "factor");
 }
 
@@ -57,14 +58,14 @@ inline void check_csr_shapes(const at::Tensor& rowptr, const at::Tensor& col,
   TORCH_CHECK(col.scalar_type() == at::kLong, "ngcuda: col must be int64, got ", col.scalar_type());
   check_dim(rowptr, 1, "rowptr");
   check_dim(col, 1, "col");
-  TORCH_CHECK(rowptr.numel() >= 1, "ngcuda: rowptr must have at least one entry (rows + 1)");
+  TORCH_CHECK(rowptr.sym_numel() >= 1, "ngcuda: rowptr must have at least one entry (rows + 1)");
   check_same_device(rowptr, ref, "rowptr", "factor");
   check_same_device(col, ref, "col", "factor");
   if (value.has_value()) {
     check_float(*value, "value");
     check_dim(*value, 1, "value");
-    TORCH_CHECK(value->size(0) == col.size(0), "ngcuda: value must have nnz = ", col.size(0),
-                " entries like col, got ", value->size(0));
+    TORCH_CHECK(value->sym_size(0) == col.sym_size(0), "ngcuda: value must have nnz = ", col.sym_size(0),
+                " entries like col, got ", value->sym_size(0));
     check_same_device(*value, ref, "value", "factor");
   }
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 
 #include "checks.h"
@@ -20,17 +21,17 @@ inline void check_precondition_args(at::TensorList grads, at::TensorList QA, at:
     const at::Tensor& g = grads[l];
     check_float(g, "grads[i]");
     TORCH_CHECK(g.dim() == 2, "ngcuda: grads[", l, "] must be 2-D [d_out, d_in(+1)], got shape ",
-                g.sizes());
-    const int64_t dout = g.size(0), din = g.size(1);
-    TORCH_CHECK(QA[l].dim() == 2 && QA[l].size(0) == din && QA[l].size(1) == din, "ngcuda: QA[", l,
-                "] must be [", din, ", ", din, "] to match grads[", l, "], got ", QA[l].sizes());
-    TORCH_CHECK(QG[l].dim() == 2 && QG[l].size(0) == dout && QG[l].size(1) == dout, "ngcuda: QG[",
+                g.sym_sizes());
+    const c10::SymInt dout = g.sym_size(0), din = g.sym_size(1);
+    TORCH_CHECK(QA[l].dim() == 2 && QA[l].sym_size(0) == din && QA[l].sym_size(1) == din, "ngcuda: QA[", l,
+                "] must be [", din, ", ", din, "] to match grads[", l, "], got ", QA[l].sym_sizes());
+    TORCH_CHECK(QG[l].dim() == 2 && QG[l].sym_size(0) == dout && QG[l].sym_size(1) == dout, "ngcuda: QG[",
                 l, "] must be [", dout, ", ", dout, "] to match grads[", l, "], got ",
-                QG[l].sizes());
-    TORCH_CHECK(lamA[l].dim() == 1 && lamA[l].size(0) == din, "ngcuda: lamA[", l, "] must be [",
-                din, "], got ", lamA[l].sizes());
-    TORCH_CHECK(lamG[l].dim() == 1 && lamG[l].size(0) == dout, "ngcuda: lamG[", l, "] must be [",
-                dout, "], got ", lamG[l].sizes());
+                QG[l].sym_sizes());
+    TORCH_CHECK(lamA[l].dim() == 1 && lamA[l].sym_size(0) == din, "ngcuda: lamA[", l, "] must be [",
+                din, "], got ", lamA[l].sym_sizes());
+    TORCH_CHECK(lamG[l].dim() == 1 && lamG[l].sym_size(0) == dout, "ngcuda: lamG[", l, "] must be [",
+                dout, "], got ", lamG[l].sym_sizes());
     for (const at::Tensor* t : {&QA[l], &QG[l], &lamA[l], &lamG[l]}) {
       TORCH_CHECK(t->scalar_type() == g.scalar_type(), "ngcuda: layer ", l,
                   " mixes dtypes: grads is ", g.scalar_type(), " but a factor tensor is ",

@@ -20,17 +20,30 @@ except ImportError as err:  # a source checkout that was never built
         stacklevel=2,
     )
 
+_OPS = ("factor_update_", "sparse_factor_update_", "batched_eigh", "precondition")
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+def _registered_kernels() -> dict[str, frozenset[str]]:
+    # Read once at import: the registrations never change afterwards, and a plain dict lookup
+    # keeps the ops' Python front traceable by torch.compile.
+    if _C is None:
+        return {op: frozenset() for op in _OPS}
+    return {
+        op: frozenset(
+            dev for dev, key in _DISPATCH_KEY.items()
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"ngcuda::{op}", key)
+        )
+        for op in _OPS
+    }
+
+
+_KERNELS = _registered_kernels()
 
 
 def has_kernel(op: str, device: torch.device) -> bool:
     """Whether ``torch.ops.ngcuda.<op>`` has a compiled kernel for ``device``."""
-    if _C is None:
-        return False
-    key = _DISPATCH_KEY.get(device.type)
-    if key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ngcuda::{op}", key)
+    return device.type in _KERNELS[op]
 
 
 def build_info() -> dict[str, Any]:

@@ -12,9 +12,9 @@ namespace {
 void factor_update_meta(const at::Tensor& factor, const at::Tensor& x, double decay,
                         bool append_bias, const c10::optional<at::Tensor>& row_weight) {
   check_dim(x, 2, "x");
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
+  check_factor(factor, x.sym_size(1) + (append_bias ? 1 : 0));
   check_decay(decay);
-  check_row_weight(row_weight, x.size(0), factor);
+  check_row_weight(row_weight, x.sym_size(0), factor);
 }
 
 void sparse_factor_update_meta(const at::Tensor& factor, const at::Tensor& rowptr,
@@ -22,10 +22,10 @@ void sparse_factor_update_meta(const at::Tensor& factor, const at::Tensor& rowpt
                                const at::Tensor& x, double decay, bool append_bias,
                                const c10::optional<at::Tensor>& row_weight) {
   check_dim(x, 2, "x");
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
+  check_factor(factor, x.sym_size(1) + (append_bias ? 1 : 0));
   check_decay(decay);
   check_csr_shapes(rowptr, col, value, factor);
-  check_row_weight(row_weight, rowptr.numel() - 1, factor);
+  check_row_weight(row_weight, rowptr.sym_numel() - 1, factor);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched_eigh_meta(
@@ -33,9 +33,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     int64_t max_sweeps) {
   std::vector<at::Tensor> values, vectors;
   for (const at::Tensor& a : matrices) {
-    TORCH_CHECK(a.dim() == 2 && a.size(0) == a.size(1), "ngcuda: matrices must be square 2-D, got ",
-                a.sizes());
-    values.push_back(at::empty({a.size(0)}, a.options()));
+    TORCH_CHECK(a.dim() == 2 && a.sym_size(0) == a.sym_size(1),
+                "ngcuda: matrices must be square 2-D, got ", a.sym_sizes());
+    values.push_back(at::empty_symint({a.sym_size(0)}, a.options()));
     vectors.push_back(at::empty_like(a));
   }
   const auto device = matrices.empty() ? at::Device(at::kMeta) : matrices[0].device();
