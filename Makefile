@@ -1,4 +1,5 @@
-# Two commands for a fresh clone:
+# Two commands for a fresh clone (the build is an editable install, so the tests and benchmarks
+# run against the kernels compiled into ngcuda/):
 #   make test   set up .venv, build ngcuda (CUDA kernels included where nvcc is found), run the suite
 #   make demo   set up .venv, build ngcuda, run the main job (`ngcuda train`)
 PYTHON ?= python3
@@ -24,10 +25,10 @@ $(DEPS): Makefile
 	touch $@
 
 build: setup
-	NGCUDA_CUDA=$(NGCUDA_CUDA) MAX_JOBS=$(MAX_JOBS) $(BIN)/pip install --no-build-isolation --no-deps .
+	NGCUDA_CUDA=$(NGCUDA_CUDA) MAX_JOBS=$(MAX_JOBS) $(BIN)/pip install --no-build-isolation --no-deps -e .
 	cd /tmp && $(abspath $(BIN))/python -c "import ngcuda; print('ngcuda build:', ngcuda.build_info())"
 
-test: build
+test: build ctest
 	NGCUDA_EXPECT_CUDA=$(NGCUDA_CUDA) $(BIN)/pytest tests $(PYTEST_ARGS)
 
 demo: build
@@ -36,9 +37,13 @@ demo: build
 bench: build
 	$(BIN)/python -m benchmarks --quick
 
-# The C++ test, built with CMake against the installed torch (CPU kernels).
+# The C++ test, built with CMake against the installed torch (CPU kernels). A CUDA build of torch
+# makes find_package(Torch) look for the toolkit: point it at nvcc's toolkit and the wheels' NVRTC.
 ctest: setup
-	cmake -S . -B cmake-build -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(BIN))/python -DCMAKE_BUILD_TYPE=Release
+	TORCH_CUDA_ARCH_LIST=9.0 cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+	  -DCUDA_TOOLKIT_ROOT_DIR=/usr/local/cuda \
+	  -DCUDA_nvrtc_LIBRARY="$$($(BIN)/python -c 'import glob, nvidia; print((sorted(glob.glob(nvidia.__path__[0] + "/*/lib/libnvrtc.so.*")) or [""])[0])' 2>/dev/null)"
 	cmake --build cmake-build -j $(MAX_JOBS)
 	cd cmake-build && ctest --output-on-failure
 

@@ -1,0 +1,1 @@
+"""ngcuda's benchmarks: `python -m benchmarks <factor|eigh|...> [--quick]`."""
