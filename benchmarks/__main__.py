@@ -6,6 +6,7 @@ import sys
 
 BENCHMARKS = {
     "factor": "benchmarks.bench_factor",
+    "precondition": "benchmarks.bench_precondition",
 }
 
 

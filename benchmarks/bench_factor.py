@@ -10,13 +10,16 @@ self-loops, 1,433 binary features at Cora's 1.27 % density) unless a real graph 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ngcuda import ops
 
+from . import ceilings
 from .common import RESULTS, environment, median_time, peak_rss_in_child, print_table, write_json
+from .plotting import growth_and_throughput, loglog_slope
 
 DECAY = 0.95
 
@@ -102,29 +105,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, seconds in all")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, help="where to write the JSON (default benchmarks/results/)")
+    p.add_argument("--json", default=None, help="JSON path (default benchmarks/results/<device>-factor.json); - for none")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     args = p.parse_args(argv)
     if args.quick:
-        dense_sizes = [(1000, 16), (2000, 64)]
+        n_sweep, d_fixed = [500, 1000, 2000], 32
+        d_sweep, n_fixed = [16, 32, 64], 1000
         sparse_cfg = dict(n=500, d=64, nnz_per_row=4.9, density=0.05)
     else:
-        dense_sizes = [(10_000, 16), (10_000, 64), (10_000, 256), (2708, 1433), (100_000, 64),
-                       (100_000, 256)]
+        n_sweep, d_fixed = [2_000, 8_000, 32_000, 128_000], 128
+        d_sweep, n_fixed = [16, 64, 256, 1024], 8_000
         sparse_cfg = dict(n=2708, d=1433, nnz_per_row=4.9, density=0.0127)
-    rows = dense_rows(dense_sizes, args.device)
-    print_table(rows, ["op", "N", "d", "ngcuda_ms", "torch_ms", "speedup", "gflops"])
+    ceil = ceilings.measure(args.device, quick=args.quick)
+    by_n = dense_rows([(n, d_fixed) for n in n_sweep], args.device)
+    by_d = dense_rows([(n_fixed, d) for d in d_sweep], args.device)
+    print(f"ceilings: {ceil['memory_bandwidth_gbs']:.1f} GB/s copy, {ceil['matmul_gflops']:.0f} GFLOP/s matmul")
+    print_table(by_n + by_d, ["op", "N", "d", "ngcuda_ms", "torch_ms", "speedup", "gflops", "gb_per_s"])
+    growth = {
+        "time_vs_N_exponent": loglog_slope([r["N"] for r in by_n], [r["ngcuda_ms"] for r in by_n]),
+        "time_vs_d_exponent": loglog_slope([r["d"] for r in by_d], [r["ngcuda_ms"] for r in by_d]),
+        "expected": "O(N·d²): exponent 1 in N, 2 in d (small d is bound by reading x, not by flops)",
+    }
+    print(f"growth: time ∝ N^{growth['time_vs_N_exponent']:.2f} (d={d_fixed}), "
+          f"d^{growth['time_vs_d_exponent']:.2f} (N={n_fixed})")
     srows = sparse_rows(**sparse_cfg, device=args.device, memory=not args.no_memory)
     print()
     print_table(srows, ["op", "N", "d", "nnz", "ngcuda_ms", "sparse_mm_ms", "index_add_ms",
                         "speedup_vs_sparse_mm", "ngcuda_peak_mib", "sparse_mm_peak_mib"])
-    payload = {"benchmark": "factor", "quick": args.quick, "environment": environment(args.device),
-               "dense": rows, "sparse": srows}
+    env = environment(args.device)
+    payload = {"benchmark": "factor", "quick": args.quick, "environment": env, "ceilings": ceil,
+               "dense_by_N": by_n, "dense_by_d": by_d, "growth": growth, "sparse": srows}
     if args.json != "-":
-        tag = "quick" if args.quick else "full"
-        dev = payload["environment"]["device"].replace(" ", "-")
-        path = write_json(args.json or RESULTS / f"{dev}-factor-{tag}.json", payload)
-        print(f"\nwrote {path}")
+        dev = env["device"].replace(" ", "-")
+        path = Path(args.json) if args.json else RESULTS / f"{dev}-factor{'-quick' if args.quick else ''}.json"
+        write_json(path, payload)
+        plot = growth_and_throughput(path.with_suffix(".png"), f"factor_update_ on {env['device']}", [
+            {"x": n_sweep, "xlabel": f"N rows (d={d_fixed})", "ylabel": "ms",
+             "series": {"ngcuda": [r["ngcuda_ms"] for r in by_n], "torch": [r["torch_ms"] for r in by_n]},
+             "title": "time vs N"},
+            {"x": d_sweep, "xlabel": f"d (N={n_fixed})", "ylabel": "ms",
+             "series": {"ngcuda": [r["ngcuda_ms"] for r in by_d], "torch": [r["torch_ms"] for r in by_d]},
+             "title": "time vs d"},
+            {"x": d_sweep, "xlabel": f"d (N={n_fixed})", "ylabel": "GFLOP/s (one triangle)",
+             "series": {"ngcuda": [r["gflops"] for r in by_d]},
+             "ceiling": (ceil["matmul_gflops"], "measured matmul peak"), "title": "throughput"},
+        ])
+        print(f"\nwrote {path} and {plot}")
     return payload
 
 
