@@ -9,7 +9,7 @@
 * KL clipping (Ba, Grosse & Martens 2017): the preconditioned step is scaled by
   ``ν = min(1, sqrt(κ / (lr² Σ_layers gᵀ F̃⁻¹ g)))``.
 * Levenberg–Marquardt adaptation (Martens & Grosse 2015 §6.5): ``ρ = (L(θ+δ) − L(θ)) / (M(δ) − M(0))``
-  with ``M(δ) − M(0) = ∇Lᵀδ + ½ δᵀ(F̃ + γI)δ``; ``ρ > 3/4`` → ``γ ← ω γ``, ``ρ < 1/4`` → ``γ ← γ / ω``.
+  with ``M(δ) − M(0) = ∇Lᵀδ + ½ δᵀF̃δ`` (undamped K-FAC curvature); ``ρ > 3/4`` → ``γ ← ω γ``, ``ρ < 1/4`` → ``γ ← γ / ω``.
 """
 from __future__ import annotations
 

@@ -614,7 +614,12 @@ class KFAC(torch.optim.Optimizer):
                        before: dict[int, tuple[Tensor, Tensor]],
                        precond: list[tuple[KFACLayer, Tensor, Tensor]],
                        groups: dict[int, dict], t: int) -> None:
-        """Levenberg–Marquardt: compare the loss change with the quadratic model's prediction."""
+        """Levenberg–Marquardt: compare the loss change with the quadratic model's prediction.
+
+        The model is ``M(δ) − M(0) = ∇Lᵀδ + ½ δᵀF̃δ`` with the UNDAMPED K-FAC curvature F̃
+        (the damping is the trust-region device being tuned, as in Martens & Grosse 2015); layers
+        without K-FAC blocks contribute their linear term only. δ is the update actually applied.
+        """
         damping = float(self.param_groups[0]["damping"])
         lin = torch.zeros((), dtype=torch.float64)
         quad = torch.zeros((), dtype=torch.float64)
@@ -626,8 +631,6 @@ class KFAC(torch.optim.Optimizer):
                 old, grad = before[id(p)]
                 delta = p.detach() - old
                 lin += (grad * delta).sum().double().cpu()
-                if id(p) not in layer_of:
-                    quad += (damping * delta.square().sum()).double().cpu()
         for layer, _, _ in precond:
             if not all(id(p) in before for p in layer.params()):
                 continue
@@ -638,7 +641,7 @@ class KFAC(torch.optim.Optimizer):
                 mats.append(d.reshape(layer.d_out, -1))
             delta = torch.cat(mats, 1)
             quad += damped_curvature_energy(delta, st["QA"], st["lamA"], st["QG"], st["lamG"],
-                                            damping, st.get("S") if self.ekfac else None
+                                            0.0, st.get("S") if self.ekfac else None
                                             ).double().cpu()
         predicted = float(lin + 0.5 * quad)
         self._capture.enabled = False

@@ -161,15 +161,19 @@ class KFACLayer:
                 and isinstance(output, Tensor) and output.requires_grad)
 
     def _track_output(self, output: Tensor, x: Tensor, extra: Any = None) -> None:
-        rec = _Record(x.detach(), get_gradient_edge(output), self.state.next_seq(), extra)
+        # A constant input (a feature matrix) is kept as the same object, so that an unchanged
+        # input can be recognised at the next factor update (see KFACLayer.signature).
+        rec = _Record(x if not x.requires_grad else x.detach(), get_gradient_edge(output),
+                      self.state.next_seq(), extra)
         state = self.state
 
         def grad_hook(grad: Tensor) -> None:
-            g = grad.detach()
+            # The last backward through this output wins (an earlier torch.autograd.grad call
+            # of the user, e.g. for a penalty, must not add to the statistics).
             if state.phase == "fisher":
-                rec.fgrad = g if rec.fgrad is None else rec.fgrad + g
+                rec.fgrad = grad.detach()
             else:
-                rec.grad = g if rec.grad is None else rec.grad + g
+                rec.grad = grad.detach()
 
         output.register_hook(grad_hook)
         self.records.append(rec)
@@ -191,7 +195,7 @@ class KFACLayer:
     def signature(self, recs: list[_Record]) -> Optional[tuple]:
         """Identifies the A statistic's inputs when they are constant tensors (a fixed feature
         matrix): same objects, same versions, no gradient. None when they may differ."""
-        if len(recs) != 1 or recs[0].x.requires_grad or recs[0].x._base is not None:
+        if len(recs) != 1 or recs[0].x.requires_grad or recs[0].x.grad_fn is not None:
             return None
         x = recs[0].x
         return (x, x._version)
