@@ -302,3 +302,186 @@ def test_adaptive_damping_moves_damping():
     # tiny steps under a huge damping are predicted well (ρ≈1): damping shrinks by ω each step
     assert 0.75 < opt.last_rho < 1.5
     assert opt.param_groups[0]["damping"] == pytest.approx(10.0 * (19 / 20) ** 4)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _gcn_run(model, opt, x, ei, y, mask, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x, ei)
+        opt.set_outputs(out, mask=mask)
+        F.cross_entropy(out[mask], y[mask]).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("mode", ["sgd", "adam", "ekfac"])
+def test_checkpoint_resume_is_bitwise_identical(mode):
+    x, ei, y, mask = small_graph(n=15, e=30, fin=5, seed=7)
+    x = x.float()
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = TinyGCN(5, 6, 3, cached=True)
+        kw = dict(lr=0.05, damping=0.05, momentum=0.9, weight_decay=1e-3, factor_every=2,
+                  inverse_every=3, kl_clip=1e-2, seed=11, ekfac=mode == "ekfac")
+        if mode == "adam":
+            kw["base_optimizer"] = torch.optim.Adam(model.parameters(), lr=0.01)
+        return model, ngcuda.KFAC(model, **kw)
+
+    full, full_opt = make(0)
+    _gcn_run(full, full_opt, x, ei, y, mask, 20)
+
+    first, first_opt = make(0)
+    _gcn_run(first, first_opt, x, ei, y, mask, 10)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed, resumed_opt = make(123)  # different init, overwritten by the checkpoint
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["opt"])
+    st = resumed_opt.state[resumed.conv1.lin.weight]
+    assert {"A", "G", "QA", "QG", "lamA", "lamG"} <= set(st) and resumed_opt.steps == 10
+    _gcn_run(resumed, resumed_opt, x, ei, y, mask, 10)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(full.conv1.lin.weight, first.conv1.lin.weight)
+
+
+# --------------------------------------------------------------------------- failures
+def test_nan_gradient_skips_only_the_affected_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = ngcuda.KFAC(model, lr=0.1, momentum=0.9, fisher_type="empirical", inverse_every=1)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    state0 = {k: v.clone() for k, v in opt.state[model[0].weight].items() if torch.is_tensor(v)}
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.warns(KFACWarning, match="non-finite gradient in 0.bias, 0.weight"):
+        opt.step()
+    after = list(model.parameters())
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert not torch.equal(after[2], before[2])
+    st = opt.state[model[0].weight]
+    assert torch.equal(st["momentum_buffer"], state0["momentum_buffer"])
+    assert all(torch.isfinite(v).all() for v in st.values() if torch.is_tensor(v))
+
+
+def test_nan_activations_leave_factors_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = ngcuda.KFAC(model, fisher_type="empirical")
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    st = opt.state[model[0].weight]
+    A, G = st["A"].clone(), st["G"].clone()
+    w = model[0].weight.detach().clone()
+    opt.zero_grad()
+    x[0, 0] = float("nan")
+    with pytest.warns(KFACWarning, match="non-finite"):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert torch.equal(st["A"], A) and torch.equal(st["G"], G)
+    assert torch.equal(model[0].weight, w)
+
+
+def test_unsupported_layer_is_listed_once_and_trained_plainly():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gat = GATConv(4, 5, heads=1)
+            self.out = nn.Linear(5, 3)
+
+        def forward(self, x, ei):
+            return self.out(torch.relu(self.gat(x, ei)))
+
+    model = Net()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt = ngcuda.KFAC(model, lr=0.1, fisher_type="empirical")
+    msgs = [str(w.message) for w in rec if issubclass(w.category, KFACWarning)]
+    assert len(msgs) == 1
+    assert "gat.att_src" in msgs[0] and "gat.att_dst" in msgs[0] and "gat.bias" in msgs[0]
+    assert {i.name for i in opt.layers()} == {"gat.lin", "out"}  # a Linear inside any conv is exact
+    x, ei, y, _ = small_graph()
+    x = x.float()
+    att = model.gat.att_src.detach().clone()
+    F.cross_entropy(model(x, ei), y).backward()
+    opt.step()
+    assert not torch.equal(model.gat.att_src, att)
+
+
+def test_layer_whose_hooks_never_fire_warns_and_still_trains():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return F.linear(x, self.lin.weight, self.lin.bias)  # bypasses the module hooks
+
+    model = Functional()
+    opt = ngcuda.KFAC(model, lr=0.1, fisher_type="empirical")
+    w = model.lin.weight.detach().clone()
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.warns(KFACWarning, match="forward hook never fired"):
+        opt.step()
+    assert not torch.equal(model.lin.weight, w)
+    assert "A" not in opt.state[model.lin.weight]
+
+
+def test_eigensolver_failure_retries_in_float64_then_keeps_previous_basis(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = ngcuda.KFAC(model, fisher_type="empirical", inverse_every=1)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    real = ngcuda.ops.batched_eigh_with_status
+    calls = []
+
+    def not_converged(mats, *a, **k):
+        calls.append(mats[0].dtype)
+        vals, vecs, status = real(mats, *a, **k)
+        return vals, vecs, torch.full_like(status, ngcuda.ops.EighStatus.NOT_CONVERGED)
+
+    monkeypatch.setattr(ngcuda.ops, "batched_eigh_with_status", not_converged)
+    monkeypatch.setattr(ngcuda.ops, "batched_eigh", lambda mats, *a, **k: real(mats, *a, **k)[:2])
+    step()  # float32 call fails; the float64 retry succeeds
+    st = opt.state[model[0].weight]
+    assert calls == [torch.float32] and st["QA"].dtype == torch.float32
+
+    def broken(*a, **k):
+        raise RuntimeError("solver exploded")
+
+    QA = st["QA"].clone()
+    monkeypatch.setattr(ngcuda.ops, "batched_eigh_with_status", broken)
+    monkeypatch.setattr(ngcuda.ops, "batched_eigh", broken)
+    with pytest.warns(KFACWarning, match="keeping its previous eigenbasis"):
+        step()
+    assert torch.equal(st["QA"], QA)
+
+
+def test_bad_arguments_name_themselves():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="damping"):
+        ngcuda.KFAC(model, damping=-1.0)
+    with pytest.raises(ValueError, match="inverse_every"):
+        ngcuda.KFAC(model, inverse_every=0)
+    with pytest.raises(ValueError, match="fisher_type"):
+        ngcuda.KFAC(model, fisher_type="exact")
+    with pytest.raises(ValueError, match="likelihood"):
+        ngcuda.KFAC(model, likelihood="poisson")
+    with pytest.raises(ValueError, match="gcn_factoring"):
+        ngcuda.KFAC(model, gcn_factoring="both")

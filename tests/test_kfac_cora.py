@@ -97,8 +97,8 @@ class GCN(nn.Module):
 
 
 def train_cora(data, epochs: int = 100, fisher_rows: str = "train", hidden: int = 16,
-               adam: dict | None = None, **kw):
-    torch.manual_seed(0)
+               adam: dict | None = None, seed: int = 0, **kw):
+    torch.manual_seed(seed)
     x = data.x / data.x.sum(1, keepdim=True).clamp(min=1)  # row-normalised features
     model = GCN(x.shape[1], hidden, data.num_classes)
     if adam is not None:

@@ -68,6 +68,10 @@ def _resolve(value: Any, step: int) -> Any:
     return value(step) if callable(value) else value
 
 
+def _as_float(v: Any) -> float:
+    return float(v.detach()) if isinstance(v, Tensor) else float(v)
+
+
 def _same_signature(a: Optional[tuple], b: Optional[tuple]) -> bool:
     if a is None or b is None or len(a) != len(b):
         return False
@@ -278,7 +282,7 @@ class KFAC(torch.optim.Optimizer):
             self._apply_base(updates, bad)
 
         if adapt:
-            self._adapt_damping(closure, float(loss), before, precond, groups, t)
+            self._adapt_damping(closure, _as_float(loss), before, precond, groups, t)
         self._step += 1
         self._reset_step_state()
         return loss
@@ -647,7 +651,7 @@ class KFAC(torch.optim.Optimizer):
         self._capture.enabled = False
         try:
             with torch.enable_grad():
-                loss_new = float(closure())
+                loss_new = _as_float(closure())
         finally:
             self._capture.enabled = True
         if predicted >= 0.0:
