@@ -117,11 +117,20 @@ def train_cora(data, epochs: int = 100, fisher_rows: str = "train", hidden: int 
     return float((pred[data.test_mask] == data.y[data.test_mask]).float().mean())
 
 
-def test_cora_gcn_reaches_80_percent_in_100_epochs():
+@pytest.fixture
+def one_thread():
+    # Oversubscribed shared CPUs make multi-threaded LAPACK crawl (10x); one thread is steady.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cora_gcn_reaches_80_percent_in_100_epochs(one_thread):
     data = load_cora()
     assert data.x.shape == (2708, 1433) and int(data.train_mask.sum()) == 140
     t0 = time.perf_counter()
-    acc = train_cora(data, epochs=100, lr=0.05, damping=0.03, momentum=0.9, weight_decay=5e-4,
-                     inverse_every=10, kl_clip=1e-2)
+    acc = train_cora(data, epochs=100, hidden=64, lr=0.02, damping=0.01, momentum=0.9,
+                     weight_decay=5e-4, inverse_every=10, kl_clip=1e-2)
     print(f"Cora GCN K-FAC: test acc {acc:.4f} in {time.perf_counter() - t0:.1f}s")
     assert acc >= 0.80
