@@ -485,3 +485,47 @@ def test_bad_arguments_name_themselves():
         ngcuda.KFAC(model, likelihood="poisson")
     with pytest.raises(ValueError, match="gcn_factoring"):
         ngcuda.KFAC(model, gcn_factoring="both")
+
+
+def test_row_weights_give_a_weighted_mean_fisher():
+    torch.manual_seed(3)
+    x = torch.randn(50, 3, dtype=torch.float64)
+    Gs = []
+    for weights in (None, torch.full((50,), 2.5, dtype=torch.float64),
+                    torch.ones(50, dtype=torch.bool)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4)).double()
+        nn.init.normal_(model[0].weight)
+        opt = ngcuda.KFAC(model, kl_clip=None, seed=5)
+        out = model(x)
+        opt.set_outputs(out, mask=weights)
+        out.sum().backward()
+        opt.step()
+        Gs.append(opt.state[model[0].weight]["G"])
+    assert rel_err(Gs[1], Gs[0]) <= 1e-12 and torch.equal(Gs[2], Gs[0])
+
+
+def test_layer_called_twice_uses_rows_of_both_calls():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    model = nn.Sequential(lin)
+    opt = ngcuda.KFAC(model, fisher_type="empirical", kl_clip=None)
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    (lin(x1).square().sum() + lin(x2).sum()).backward()
+    opt.step()
+    a = ones_col(torch.cat([x1, x2]))
+    assert rel_err(opt.state[lin.weight]["A"], a.T @ a / 10) <= 1e-12
+
+
+@pytest.mark.cuda
+def test_cuda_training_matches_cpu():
+    x, ei, y, mask = small_graph(n=30, e=80, fin=6, seed=9)
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = TinyGCN(6, 8, 3).double().to(device)
+        opt = ngcuda.KFAC(model, lr=0.05, momentum=0.9, fisher_type="empirical", inverse_every=2)
+        _gcn_run(model, opt, x.to(device), ei.to(device), y.to(device), mask.to(device), 6)
+        results.append([p.detach().cpu() for p in model.parameters()])
+    for p, q in zip(*results):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-8)

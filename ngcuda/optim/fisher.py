@@ -1,7 +1,7 @@
 """Which gradients build the output factor G: the true Fisher or the empirical Fisher.
 
 * ``"true"`` (default; Martens 2020): targets ``ỹ_i ~ p(y | z_i)`` are sampled from the model's
-  predictive distribution and G is built from the gradients of ``Σ_i w_i · (−log p(ỹ_i | z_i))`` at
+  predictive distribution and G is built from the gradients of ``Σ_i √w_i · (−log p(ỹ_i | z_i))`` at
   every registered layer's output. This needs the model outputs and a likelihood, given with
   :meth:`ngcuda.KFAC.set_outputs` after the forward pass and before ``loss.backward()``; on
   factor-update steps it runs ONE extra backward pass down to the first registered layer (retaining
@@ -71,8 +71,10 @@ def row_weights(outputs: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 def sampled_nll(outputs: Tensor, likelihood: str, weight: Tensor,
                 generator: Optional[torch.Generator]) -> Tensor:
-    """``Σ_i w_i · (−log p(ỹ_i | z_i))`` with ``ỹ_i`` sampled from the model (scalar).
+    """``Σ_i √w_i · (−log p(ỹ_i | z_i))`` with ``ỹ_i`` sampled from the model (scalar).
 
+    The square root makes a row of weight ``w_i`` contribute ``w_i ĝ_i ĝ_iᵀ`` to the output
+    factor, so ``G = Σ_i w_i ĝ_i ĝ_iᵀ / Σ_i w_i`` is a weighted mean (pseudo-label weights).
     Only rows with ``w_i > 0`` are sampled and differentiated.
     """
     rows = torch.nonzero(weight > 0).flatten()
@@ -95,4 +97,5 @@ def sampled_nll(outputs: Tensor, likelihood: str, weight: Tensor,
     else:
         nll = F.binary_cross_entropy_with_logits(z, target, reduction="none")
         nll = nll.reshape(z.shape[0], -1).sum(1)
-    return (w * nll).sum()
+    # √w: a row of weight w then adds w·(its per-row Fisher) to Σ ĝĝᵀ, i.e. a weighted mean.
+    return (w.sqrt() * nll).sum()

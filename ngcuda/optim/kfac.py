@@ -19,7 +19,8 @@ in: K-FAC-expand) and divides by the number of examples ``n``. ``A`` is the mean
 ALL rows (all N nodes, as Izadi et al.), whatever the mask. ``n`` is the total row weight passed to
 :meth:`KFAC.set_outputs` (the mask), or, without it, the number of non-zero rows of the output
 gradient of the last layer that ran forward. With sampled targets (true Fisher) ``ĝ_i`` is the
-gradient of ``Σ_i w_i·(−log p(ỹ_i|z_i))``, so pseudo-label weights enter as ``w_i``.
+gradient of ``Σ_i √w_i·(−log p(ỹ_i|z_i))``, so a row of weight ``w_i`` (a pseudo-label weight)
+contributes ``w_i`` times its per-row Fisher and ``G`` is a weighted mean.
 """
 from __future__ import annotations
 
@@ -86,6 +87,22 @@ def _same_signature(a: Optional[tuple], b: Optional[tuple]) -> bool:
 
 class KFAC(torch.optim.Optimizer):
     """K-FAC natural-gradient optimizer (or preconditioner in front of another optimizer).
+
+    Example (true Fisher; drop ``set_outputs`` and pass ``fisher_type="empirical"`` to skip the
+    extra backward)::
+
+        opt = ngcuda.KFAC(model, lr=0.02, damping=1e-2, momentum=0.9, weight_decay=5e-4,
+                          inverse_every=10, kl_clip=1e-2)
+        print(*opt.layers(), sep="\n")              # what got registered, with factor sizes
+        for epoch in range(100):
+            opt.zero_grad()
+            out = model(data.x, data.edge_index)
+            opt.set_outputs(out, likelihood="categorical", mask=data.train_mask)
+            F.cross_entropy(out[data.train_mask], data.y[data.train_mask]).backward()
+            opt.step()
+
+    Adam-KFAC: ``ngcuda.KFAC(model, base_optimizer=torch.optim.Adam(model.parameters(), 1e-2))``
+    (then LR schedulers belong on the base optimizer).
 
     Args:
         model: the module whose Linear / PyG layers are registered (see :meth:`layers`).
