@@ -92,10 +92,13 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--variants", default="adam,kfac-true,kfac-empirical,adam-kfac-true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_step.json"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     data = load_cora()

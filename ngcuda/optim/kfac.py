@@ -93,7 +93,8 @@ class KFAC(torch.optim.Optimizer):
 
         opt = ngcuda.KFAC(model, lr=0.02, damping=1e-2, momentum=0.9, weight_decay=5e-4,
                           inverse_every=10, kl_clip=1e-2)
-        print(*opt.layers(), sep="\n")              # what got registered, with factor sizes
+        for info in opt.layers():                    # what got registered, with factor sizes
+            print(info)
         for epoch in range(100):
             opt.zero_grad()
             out = model(data.x, data.edge_index)

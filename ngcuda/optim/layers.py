@@ -30,6 +30,7 @@ Layer kinds:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -39,17 +40,23 @@ from torch.autograd.graph import get_gradient_edge
 
 from .. import ops
 
-try:  # PyG is optional: plain MLPs work without it
-    import torch_geometric.nn as pyg_nn
-    from torch_geometric.nn.conv.gcn_conv import gcn_norm
-    from torch_geometric.nn.dense.linear import Linear as PygLinear
+_PYG: Optional[dict[str, Any]] = None
 
-    _HAS_PYG = True
-except ImportError:  # pragma: no cover
-    pyg_nn = None
-    gcn_norm = None
-    PygLinear = None
-    _HAS_PYG = False
+
+def _pyg() -> dict[str, Any]:
+    """PyG's classes, imported on first use (PyG is optional and slow to import)."""
+    global _PYG
+    if _PYG is None:
+        try:
+            import torch_geometric.nn as pyg_nn
+            from torch_geometric.nn.conv.gcn_conv import gcn_norm
+            from torch_geometric.nn.dense.linear import Linear as PygLinear
+        except ImportError:  # pragma: no cover
+            _PYG = {}
+        else:
+            _PYG = {"GCNConv": pyg_nn.GCNConv, "GIN": (pyg_nn.GINConv, pyg_nn.GINEConv),
+                    "Linear": PygLinear, "gcn_norm": gcn_norm}
+    return _PYG
 
 __all__ = ["LayerInfo", "CaptureState", "KFACLayer", "LinearLayer", "GCNLayer", "discover"]
 
@@ -329,8 +336,8 @@ class GCNLayer(KFACLayer):
             if m.cached and cache is not None:
                 ei, ew = cache
             else:
-                ei, ew = gcn_norm(edge_index, edge_weight, n, m.improved, m.add_self_loops, m.flow,
-                                  rec.x.dtype)
+                ei, ew = _pyg()["gcn_norm"](edge_index, edge_weight, n, m.improved,
+                                            m.add_self_loops, m.flow, rec.x.dtype)
         else:
             ei, ew = edge_index, edge_weight
         rowptr, col, value = _csr_by_target(ei, ew, n, m.flow)
@@ -381,7 +388,9 @@ class GCNLayer(KFACLayer):
 
 
 def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (_HAS_PYG and isinstance(m, PygLinear))
+    # a model holding PyG modules has imported PyG already; plain MLPs never import it
+    pyg_linear = _pyg().get("Linear") if "torch_geometric" in sys.modules else None
+    return isinstance(m, nn.Linear) or (pyg_linear is not None and isinstance(m, pyg_linear))
 
 
 _CHILD_KINDS: dict[tuple[str, str], str] = {
@@ -408,10 +417,11 @@ def discover(model: nn.Module, state: CaptureState, gcn_factoring: str = "aggreg
     claimed: set[int] = set()
     quiet: set[int] = set()
     layers: list[KFACLayer] = []
-    gcn_cls = pyg_nn.GCNConv if _HAS_PYG else ()
-    gin_cls = (pyg_nn.GINConv, pyg_nn.GINEConv) if _HAS_PYG else ()
+    pyg = _pyg() if "torch_geometric" in sys.modules else {}
+    gcn_cls = pyg.get("GCNConv", ())
+    gin_cls = pyg.get("GIN", ())
     for name, m in modules.items():
-        if _HAS_PYG and isinstance(m, gcn_cls):
+        if gcn_cls and isinstance(m, gcn_cls):
             if not m.lin.weight.requires_grad:
                 continue
             if gcn_factoring == "aggregated":
@@ -431,7 +441,7 @@ def discover(model: nn.Module, state: CaptureState, gcn_factoring: str = "aggreg
         parent = modules.get(".".join(parts[:-1]))
         if parent is not None:
             kind = _CHILD_KINDS.get((type(parent).__name__, parts[-1]), kind)
-        if kind == "linear" and _HAS_PYG:
+        if kind == "linear" and gin_cls:
             for i in range(len(parts) - 1, 0, -1):
                 if isinstance(modules.get(".".join(parts[:i])), gin_cls):
                     kind = "gin-mlp"
