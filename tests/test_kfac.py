@@ -248,7 +248,8 @@ def test_adam_kfac_with_identity_like_curvature_is_adam():
     ref = copy.deepcopy(model)
     gamma = 1e8
     opt = ngcuda.KFAC(model, damping=gamma, kl_clip=None, fisher_type="empirical",
-                      base_optimizer=torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-8 / gamma))
+                      base_optimizer=torch.optim.Adam(model.parameters(), lr=1e-2,
+                                                      eps=1e-8 / gamma))
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, eps=1e-8)
     x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
     for _ in range(5):
@@ -266,7 +267,8 @@ def test_param_groups_lr_scheduler_and_callable_hyperparameters():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     seen = []
-    opt = ngcuda.KFAC(model, lr=0.1, damping=lambda t: seen.append(t) or 0.1, fisher_type="empirical")
+    opt = ngcuda.KFAC(model, lr=0.1, damping=lambda t: seen.append(t) or 0.1,
+                      fisher_type="empirical")
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
 

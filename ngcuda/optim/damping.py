@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 __all__ = ["LMConfig", "kl_clip_scale", "lm_update", "ekfac_scales", "ekfac_precondition",

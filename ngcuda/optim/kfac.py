@@ -28,7 +28,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -155,7 +155,8 @@ class KFAC(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, v in (("lr", lr), ("damping", damping), ("momentum", momentum),
                         ("weight_decay", weight_decay), ("factor_decay", factor_decay)):
-            if not callable(v) and (not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v)):
+            bad_number = not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v)
+            if not callable(v) and bad_number:
                 raise ValueError(f"{name} must be a finite number >= 0 or a callable, got {v!r}")
         if not callable(factor_decay) and factor_decay > 1:
             raise ValueError(f"factor_decay must be in [0, 1], got {factor_decay}")
@@ -269,7 +270,6 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t = self._step
-        g0 = self.param_groups[0]
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
 
         self._check_hooks()
@@ -442,8 +442,8 @@ class KFAC(torch.optim.Optimizer):
             pending.append((layer, st, ta, tg, sig, recs, g_rows))
         if not pending:
             return
-        checks = [torch.isfinite(tg).all() & (torch.isfinite(ta).all() if ta is not None
-                                             else torch.ones((), dtype=torch.bool, device=tg.device))
+        checks = [torch.isfinite(tg).all() if ta is None
+                  else torch.isfinite(tg).all() & torch.isfinite(ta).all()
                   for (_, _, ta, tg, *_rest) in pending]
         flags = torch.stack([c.cpu() for c in checks]).tolist()
         for (layer, st, ta, tg, sig, recs, g_rows), ok in zip(pending, flags):
@@ -480,7 +480,8 @@ class KFAC(torch.optim.Optimizer):
             vals, vecs, status = ops.batched_eigh_with_status(mats, prevs, self.eigh.tol,
                                                               self.eigh.max_sweeps)
             okf = [torch.isfinite(v).all() & torch.isfinite(q).all() for v, q in zip(vals, vecs)]
-            ok = (torch.stack([o.cpu() for o in okf]) & (status.cpu() == ops.EighStatus.OK)).tolist()
+            converged = status.cpu() == ops.EighStatus.OK
+            ok = (torch.stack([o.cpu() for o in okf]) & converged).tolist()
             for i, good in enumerate(ok):
                 if good:
                     out[i] = (vals[i], vecs[i])
@@ -517,8 +518,8 @@ class KFAC(torch.optim.Optimizer):
         res = self._eigh(mats, prevs if self.eigh.warm_start else None)
         for (layer, st, key), r in zip(slots, res):
             if r is None:
-                self._warn(None, f"eigendecomposition of {key} of layer '{layer.name}' failed, also "
-                                 "in float64; keeping its previous eigenbasis")
+                self._warn(None, f"eigendecomposition of {key} of layer '{layer.name}' failed, "
+                                 "also in float64; keeping its previous eigenbasis")
                 continue
             st[f"lam{key}"] = r[0].clamp(min=0.0)
             st[f"Q{key}"] = r[1].contiguous()

@@ -104,7 +104,8 @@ class LayerInfo:
     params: tuple[str, ...]
 
     def __str__(self) -> str:
-        return f"{self.name}: {self.kind}, A {self.a_size}x{self.a_size}, G {self.g_size}x{self.g_size}"
+        a, g = self.a_size, self.g_size
+        return f"{self.name}: {self.kind}, A {a}x{a}, G {g}x{g}"
 
 
 class KFACLayer:
@@ -233,7 +234,8 @@ class KFACLayer:
 
     # gradient in and out -----------------------------------------------------------------
     def has_grad(self) -> bool:
-        return self.weight.grad is not None or (self.bias is not None and self.bias.grad is not None)
+        bias_grad = self.bias is not None and self.bias.grad is not None
+        return self.weight.grad is not None or bias_grad
 
     def grad_matrix(self) -> Tensor:
         """[d_out, d_in(+1)]: the weight gradient with the bias gradient as last column."""
