@@ -62,7 +62,7 @@ def make_variant(name: str, data, hidden: int, device: torch.device):
     else:
         fisher = "true" if name.endswith("true") else "empirical"
         kw = dict(lr=0.02, damping=0.01, momentum=0.9, weight_decay=5e-4, factor_every=1,
-                  inverse_every=10, kl_clip=1e-2, fisher_type=fisher)
+                  inverse_every=10, kl_clip=1e-2, fisher_type=fisher, ekfac="ekfac" in name)
         if name.startswith("adam-kfac"):
             kw["base_optimizer"] = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
         opt = ngcuda.KFAC(model, **kw)
@@ -93,7 +93,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--variants", default="adam,kfac-true,kfac-empirical,adam-kfac-true")
+    ap.add_argument("--variants", default="adam,kfac-true,kfac-empirical,adam-kfac-true,ekfac-true",
+                    help="adam | kfac-true | kfac-empirical | adam-kfac-true | ekfac-true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_step.json"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")

@@ -60,16 +60,15 @@ def lm_update(damping: float, rho: float, cfg: LMConfig) -> float:
     return float(min(max(damping, cfg.min_damping), cfg.max_damping))
 
 
-def ekfac_scales(g_rows: Tensor, a_rows: Tensor, QG: Tensor, QA: Tensor, n_rows: int) -> Tensor:
+def ekfac_scales(g_rows: Tensor, pa2: Tensor, QG: Tensor, n_rows: int) -> Tensor:
     """S [d_out, a_size] = Σ_r (Q_Gᵀ ĝ_r)² (Q_Aᵀ ā_r)²ᵀ / R.
 
-    ``g_rows`` [R, d_out] are the scaled output-gradient rows with ``G = Σ ĝĝᵀ / R`` and ``a_rows``
-    [R, a_size] the input rows with ``A = Σ āāᵀ / R``, so that ``S = λ_G λ_Aᵀ`` when the two are
-    independent.
+    ``g_rows`` [R, d_out] are the scaled output-gradient rows with ``G = Σ ĝĝᵀ / R``; ``pa2``
+    [R, a_size] holds ``(ā_r Q_A)²`` for the input rows with ``A = Σ āāᵀ / R``, so that
+    ``S = λ_G λ_Aᵀ`` when the two are independent.
     """
     pg = (g_rows.to(QG.dtype) @ QG).square_()
-    pa = (a_rows.to(QA.dtype) @ QA).square_()
-    return (pg.T @ pa) / float(n_rows)
+    return (pg.T @ pa2) / float(n_rows)
 
 
 def ekfac_precondition(g: Tensor, QA: Tensor, QG: Tensor, S: Tensor, damping: float) -> Tensor:

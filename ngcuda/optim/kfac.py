@@ -332,6 +332,7 @@ class KFAC(torch.optim.Optimizer):
             self.base_optimizer.load_state_dict(base)
         for layer in self._layers:
             layer.a_signature = None
+            layer.ekfac_cache = None
         self._reset_step_state()
 
     # ---------------------------------------------------------------------------- internals
@@ -357,7 +358,7 @@ class KFAC(torch.optim.Optimizer):
             layer.clear()
         self._n_examples: Optional[float] = None
         self._fisher_ready = False
-        self._ekfac_rows: dict[int, tuple[Tensor, Tensor, int]] = {}
+        self._ekfac_rows: dict[int, tuple[Tensor, list, Optional[tuple]]] = {}
         every = int(_resolve(self.factor_every, self._step))
         self._capture.active = self._step % every == 0
         self._capture.seq = 0
@@ -470,7 +471,7 @@ class KFAC(torch.optim.Optimizer):
                 st["factor_updates"] += 1
             layer.a_signature = sig
             if self.ekfac:
-                self._ekfac_rows[id(layer)] = (g_rows, layer.a_rows(recs), g_rows.shape[0])
+                self._ekfac_rows[id(layer)] = (g_rows, recs, sig)
 
     def _eigh(self, mats: list[Tensor], prevs: Optional[list[Tensor]]
               ) -> list[Optional[tuple[Tensor, Tensor]]]:
@@ -533,8 +534,15 @@ class KFAC(torch.optim.Optimizer):
             st = self.state[layer.weight]
             if item is None or "QA" not in st or "QG" not in st:
                 continue
-            g_rows, a_rows, rows = item
-            s = ekfac_scales(g_rows, a_rows, st["QG"], st["QA"], rows)
+            g_rows, recs, sig = item
+            QA = st["QA"]
+            cache = layer.ekfac_cache
+            if cache is not None and cache[1] is QA and _same_signature(cache[0], sig):
+                pa2 = cache[2]  # constant input, same basis: (Q_Aᵀ ā_r)² is unchanged
+            else:
+                pa2 = (layer.a_rows(recs).to(QA.dtype) @ QA).square_()
+                layer.ekfac_cache = (sig, QA, pa2) if sig is not None else None
+            s = ekfac_scales(g_rows, pa2, st["QG"], g_rows.shape[0])
             if not bool(torch.isfinite(s).all()):
                 self._warn(None, f"non-finite EKFAC scales in layer '{layer.name}'; skipped")
                 continue

@@ -129,6 +129,8 @@ class KFACLayer:
         self.handles: list[Any] = []
         # The last input statistic's inputs, to skip recomputing A when they did not change.
         self.a_signature: Optional[tuple] = None
+        # EKFAC: (signature, Q_A, (ā Q_A)²) for a constant input.
+        self.ekfac_cache: Optional[tuple] = None
 
     # sizes -------------------------------------------------------------------------------
     @property
