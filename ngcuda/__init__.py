@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from . import ops
 from ._extension import build_info
+from .optim import KFAC
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "build_info", "__version__"]
+__all__ = ["ops", "build_info", "KFAC", "__version__"]

@@ -1,0 +1,101 @@
+"""Which gradients build the output factor G: the true Fisher or the empirical Fisher.
+
+* ``"true"`` (default; Martens 2020): targets ``ỹ_i ~ p(y | z_i)`` are sampled from the model's
+  predictive distribution and G is built from the gradients of ``Σ_i √w_i · (−log p(ỹ_i | z_i))`` at
+  every registered layer's output. This needs the model outputs and a likelihood, given with
+  :meth:`ngcuda.KFAC.set_outputs` after the forward pass and before ``loss.backward()``; on
+  factor-update steps it runs ONE extra backward pass down to the first registered layer (retaining
+  the graph for the user's backward). Parameter gradients are not touched.
+* ``"empirical"``: G from the gradients of the user's own loss (no extra cost). Kunstner et al.
+  (2019) show it can precondition badly far from the optimum.
+
+Likelihoods (``outputs`` are per-row, ``[N, ...]``):
+
+* ``"categorical"`` (cross-entropy): ``outputs`` are logits or log-probabilities;
+  ``ỹ ~ softmax(z)``, ``−log p = −log_softmax(z)[ỹ]``.
+* ``"gaussian"`` (squared error): ``outputs`` are means; ``ỹ = z + ε``, ``ε ~ N(0, I)``,
+  ``−log p = ½‖z − ỹ‖²`` (unit variance; ``F.mse_loss``'s mean over the columns rescales the
+  Fisher by a constant, which lr and damping absorb).
+* ``"bernoulli"`` (binary cross-entropy): ``outputs`` are logits; ``ỹ ~ Bernoulli(σ(z))``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["FISHER_TYPES", "LIKELIHOODS", "normalize_likelihood", "row_weights", "sampled_nll"]
+
+FISHER_TYPES = ("true", "empirical")
+LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
+_ALIASES = {
+    "ce": "categorical", "cross_entropy": "categorical", "nll": "categorical",
+    "mse": "gaussian", "normal": "gaussian",
+    "bce": "bernoulli", "binary_cross_entropy": "bernoulli",
+}
+
+
+def normalize_likelihood(name: Optional[str]) -> Optional[str]:
+    """Canonical likelihood name (or None); raises naming the argument on an unknown one."""
+    if name is None:
+        return None
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS} (or an alias in "
+                         f"{sorted(_ALIASES)}), got {name!r}")
+    return key
+
+
+def row_weights(outputs: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Per-row weights [N] (float, on the outputs' device) from a bool mask, weights, or None."""
+    n = outputs.shape[0]
+    if mask is None:
+        return torch.ones(n, dtype=outputs.dtype, device=outputs.device)
+    if mask.dtype == torch.bool:
+        if mask.shape != (n,):
+            raise ValueError(f"mask must be a bool tensor of shape [{n}], got {tuple(mask.shape)}")
+        return mask.to(device=outputs.device, dtype=outputs.dtype)
+    if not mask.dtype.is_floating_point:  # node indices
+        w = torch.zeros(n, dtype=outputs.dtype, device=outputs.device)
+        w[mask.to(outputs.device)] = 1.0
+        return w
+    if mask.shape != (n,):
+        raise ValueError(f"mask must have shape [{n}], got {tuple(mask.shape)}")
+    w = mask.to(device=outputs.device, dtype=outputs.dtype)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("mask (row weights) must be finite and non-negative")
+    return w
+
+
+def sampled_nll(outputs: Tensor, likelihood: str, weight: Tensor,
+                generator: Optional[torch.Generator]) -> Tensor:
+    """``Σ_i √w_i · (−log p(ỹ_i | z_i))`` with ``ỹ_i`` sampled from the model (scalar).
+
+    The square root makes a row of weight ``w_i`` contribute ``w_i ĝ_i ĝ_iᵀ`` to the output
+    factor, so ``G = Σ_i w_i ĝ_i ĝ_iᵀ / Σ_i w_i`` is a weighted mean (pseudo-label weights).
+    Only rows with ``w_i > 0`` are sampled and differentiated.
+    """
+    rows = torch.nonzero(weight > 0).flatten()
+    z = outputs.index_select(0, rows)
+    w = weight.index_select(0, rows)
+    with torch.no_grad():
+        zd = z.detach().float()
+        if likelihood == "categorical":
+            probs = torch.softmax(zd.reshape(zd.shape[0], -1), dim=1)
+            target = torch.multinomial(probs, 1, generator=generator).flatten()
+        elif likelihood == "gaussian":
+            noise = torch.randn(zd.shape, generator=generator, device=zd.device, dtype=zd.dtype)
+            target = (zd + noise).to(z.dtype)
+        else:
+            target = torch.bernoulli(torch.sigmoid(zd), generator=generator).to(z.dtype)
+    if likelihood == "categorical":
+        nll = F.cross_entropy(z.reshape(z.shape[0], -1), target, reduction="none")
+    elif likelihood == "gaussian":
+        nll = 0.5 * (z - target).pow(2).reshape(z.shape[0], -1).sum(1)
+    else:
+        nll = F.binary_cross_entropy_with_logits(z, target, reduction="none")
+        nll = nll.reshape(z.shape[0], -1).sum(1)
+    # √w: a row of weight w then adds w·(its per-row Fisher) to Σ ĝĝᵀ, i.e. a weighted mean.
+    return (w.sqrt() * nll).sum()

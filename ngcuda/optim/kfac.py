@@ -1,0 +1,690 @@
+"""``ngcuda.KFAC``: Kronecker-factored natural-gradient descent for MLPs and PyG GNNs.
+
+One step, top-down (:meth:`KFAC.step`):
+
+1. **Capture.** Module hooks keep each registered layer's inputs and output gradients, on
+   factor-update steps only (every ``factor_every`` steps); other steps pay nothing.
+2. **Factors.** ``A ← ε·A + (1−ε)·mean(ā āᵀ)`` and ``G ← ε·G + (1−ε)·Σ ĝ ĝᵀ / n`` with
+   ``ε = factor_decay`` (0 at a layer's first update), via :func:`ngcuda.ops.factor_update_` /
+   :func:`ngcuda.ops.sparse_factor_update_`.
+3. **Eigendecomposition** every ``inverse_every`` steps: ONE :func:`ngcuda.ops.batched_eigh` call over
+   every factor that changed, warm-started from the previous eigenvectors.
+4. **Preconditioning** every step: ONE :func:`ngcuda.ops.precondition` call over all layers gives
+   ``(A⊗G + γI)⁻¹ vec(g + η θ)``; then KL clipping, momentum (or the base optimizer), update.
+
+Scaling (documented choice). The loss is a mean over ``n`` examples (labelled nodes), so the
+per-example output gradient is ``ĝ_i = n·∂L/∂z_i``. ``G = Σ_i ĝ_i ĝ_iᵀ / n`` sums over every row of
+the layer output (for inner GCN layers these include the unlabelled neighbours that ``Â`` couples
+in: K-FAC-expand) and divides by the number of examples ``n``. ``A`` is the mean of ``ā āᵀ`` over
+ALL rows (all N nodes, as Izadi et al.), whatever the mask. ``n`` is the total row weight passed to
+:meth:`KFAC.set_outputs` (the mask), or, without it, the number of non-zero rows of the output
+gradient of the last layer that ran forward. With sampled targets (true Fisher) ``ĝ_i`` is the
+gradient of ``Σ_i √w_i·(−log p(ỹ_i|z_i))``, so a row of weight ``w_i`` (a pseudo-label weight)
+contributes ``w_i`` times its per-row Fisher and ``G`` is a weighted mean.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .damping import (LMConfig, damped_curvature_energy, ekfac_precondition, ekfac_scales,
+                      kl_clip_scale, lm_update)
+from .fisher import FISHER_TYPES, normalize_likelihood, row_weights, sampled_nll
+from .layers import CaptureState, KFACLayer, LayerInfo, discover
+
+__all__ = ["KFAC", "EighOptions", "KFACWarning"]
+
+Hyper = Union[float, Callable[[int], float]]
+
+
+class KFACWarning(UserWarning):
+    """Warnings of :class:`KFAC` (skipped layers, fallbacks, unsupported parameters)."""
+
+
+@dataclass(frozen=True)
+class EighOptions:
+    """Eigensolver settings, passed to :func:`ngcuda.ops.batched_eigh`.
+
+    Attributes:
+        tol: relative off-diagonal stop; None = the op's default for the dtype.
+        max_sweeps: most Jacobi sweeps per matrix.
+        warm_start: start from the previous eigenvectors.
+        retry_float64: on a failed matrix, retry it in float64 before keeping the old basis.
+    """
+
+    tol: Optional[float] = None
+    max_sweeps: int = 15
+    warm_start: bool = True
+    retry_float64: bool = True
+
+
+def _resolve(value: Any, step: int) -> Any:
+    return value(step) if callable(value) else value
+
+
+def _as_float(v: Any) -> float:
+    return float(v.detach()) if isinstance(v, Tensor) else float(v)
+
+
+def _same_signature(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    if a is None or b is None or len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, Tensor) or isinstance(y, Tensor):
+            if x is not y:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC natural-gradient optimizer (or preconditioner in front of another optimizer).
+
+    Example (true Fisher; drop ``set_outputs`` and pass ``fisher_type="empirical"`` to skip the
+    extra backward)::
+
+        opt = ngcuda.KFAC(model, lr=0.02, damping=1e-2, momentum=0.9, weight_decay=5e-4,
+                          inverse_every=10, kl_clip=1e-2)
+        for info in opt.layers():                    # what got registered, with factor sizes
+            print(info)
+        for epoch in range(100):
+            opt.zero_grad()
+            out = model(data.x, data.edge_index)
+            opt.set_outputs(out, likelihood="categorical", mask=data.train_mask)
+            F.cross_entropy(out[data.train_mask], data.y[data.train_mask]).backward()
+            opt.step()
+
+    Adam-KFAC: ``ngcuda.KFAC(model, base_optimizer=torch.optim.Adam(model.parameters(), 1e-2))``
+    (then LR schedulers belong on the base optimizer).
+
+    Args:
+        model: the module whose Linear / PyG layers are registered (see :meth:`layers`).
+        lr: learning rate (ignored with ``base_optimizer``, which has its own).
+        damping: Tikhonov γ, exact in the eigenbasis: ``(A⊗G + γI)⁻¹``.
+        momentum: heavy-ball momentum on the preconditioned update (standalone mode).
+        weight_decay: η; ``η θ`` is ADDED TO THE GRADIENT BEFORE PRECONDITIONING.
+        factor_decay: moving-average decay ε of A and G.
+        factor_every, inverse_every: factor refresh / eigendecomposition periods (in steps).
+        kl_clip: κ of the KL trust region; None or 0 turns clipping off.
+        fisher_type: ``"true"`` (sampled targets, needs :meth:`set_outputs`) or ``"empirical"``.
+        likelihood: default likelihood for :meth:`set_outputs` (``"categorical"``, ``"gaussian"``,
+            ``"bernoulli"``).
+        ekfac: eigenvalue-corrected K-FAC (George et al. 2018).
+        adaptive_damping: Levenberg–Marquardt adaptation of γ; needs ``step(closure)``.
+        lm: its settings (:class:`~ngcuda.optim.damping.LMConfig`).
+        gcn_factoring: ``"aggregated"`` (A from ÂH, Izadi et al.) or ``"input"`` (A from H).
+        base_optimizer: preconditioner-only mode ("Adam-KFAC"): ``.grad`` is replaced by the
+            preconditioned gradient, then ``base_optimizer.step()`` runs with its own lr / decay.
+        eigh: :class:`EighOptions`.
+        seed: seed of the generator that samples true-Fisher targets (saved in the state dict).
+
+    Every hyperparameter in the param groups (lr, momentum, weight_decay, damping, kl_clip) and
+    ``factor_decay``/``factor_every``/``inverse_every`` may be a float or a callable of the step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: Hyper = 0.01,
+        damping: Hyper = 1e-2,
+        momentum: Hyper = 0.0,
+        weight_decay: Hyper = 0.0,
+        factor_decay: Hyper = 0.95,
+        factor_every: Union[int, Callable[[int], int]] = 1,
+        inverse_every: Union[int, Callable[[int], int]] = 10,
+        kl_clip: Optional[Hyper] = 1e-3,
+        fisher_type: str = "true",
+        likelihood: Optional[str] = "categorical",
+        ekfac: bool = False,
+        adaptive_damping: bool = False,
+        lm: LMConfig = LMConfig(),
+        gcn_factoring: str = "aggregated",
+        base_optimizer: Optional[torch.optim.Optimizer] = None,
+        eigh: EighOptions = EighOptions(),
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, v in (("lr", lr), ("damping", damping), ("momentum", momentum),
+                        ("weight_decay", weight_decay), ("factor_decay", factor_decay)):
+            bad_number = not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v)
+            if not callable(v) and bad_number:
+                raise ValueError(f"{name} must be a finite number >= 0 or a callable, got {v!r}")
+        if not callable(factor_decay) and factor_decay > 1:
+            raise ValueError(f"factor_decay must be in [0, 1], got {factor_decay}")
+        for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every)):
+            if not callable(v) and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or a callable, got {v!r}")
+        if fisher_type not in FISHER_TYPES:
+            raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+        if adaptive_damping and callable(damping):
+            raise ValueError("adaptive_damping needs a float damping, not a callable")
+        if base_optimizer is not None and not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError("base_optimizer must be a torch.optim.Optimizer")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameters that require grad")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
+                        kl_clip=kl_clip)
+        super().__init__(params, defaults)
+
+        self.model = model
+        self.factor_decay = factor_decay
+        self.factor_every = factor_every
+        self.inverse_every = inverse_every
+        self.fisher_type = fisher_type
+        self.likelihood = normalize_likelihood(likelihood)
+        self.ekfac = bool(ekfac)
+        self.adaptive_damping = bool(adaptive_damping)
+        self.lm = lm
+        self.gcn_factoring = gcn_factoring
+        self.base_optimizer = base_optimizer
+        self.eigh = eigh
+        self.seed = int(seed)
+
+        self._capture = CaptureState()
+        self._layers, quiet = discover(model, self._capture, gcn_factoring)
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        covered = {id(p) for layer in self._layers for p in layer.params()}
+        plain = [self._names[id(p)] for p in params if id(p) not in covered and id(p) not in quiet]
+        self._plain_names = plain
+        if plain:
+            warnings.warn(
+                f"ngcuda.KFAC: {len(plain)} parameter(s) belong to no supported layer and get the "
+                f"plain (unpreconditioned) update: {', '.join(plain)}", KFACWarning, stacklevel=2)
+        for layer in self._layers:
+            layer.attach()
+        self._step = 0
+        self._generators: dict[str, torch.Generator] = {}
+        self._warned: set[str] = set()
+        self._reset_step_state()
+
+    # ------------------------------------------------------------------------------- public
+    def layers(self) -> list[LayerInfo]:
+        """Registered layers: name, kind, factor sizes and the parameters they cover."""
+        return [layer.info(self._names) for layer in self._layers]
+
+    @property
+    def steps(self) -> int:
+        """Completed optimizer steps."""
+        return self._step
+
+    def remove_hooks(self) -> None:
+        """Detaches every module hook (the optimizer then only does plain updates)."""
+        for layer in self._layers:
+            layer.detach()
+
+    def set_outputs(self, outputs: Tensor, likelihood: Optional[str] = None,
+                    mask: Optional[Tensor] = None) -> None:
+        """Gives the model outputs, likelihood and example rows of this step; call it after the
+        forward pass and before ``loss.backward()``.
+
+        Args:
+            outputs: [N, ...] model outputs (logits / log-probs, means, or Bernoulli logits).
+            likelihood: overrides the constructor's likelihood.
+            mask: [N] bool mask, node indices, or non-negative row weights (e.g. pseudo-label
+                weights) of the rows the loss averages over; their total is ``n``.
+
+        Cost: with ``fisher_type="true"``, on factor-update steps only, one sampled-target
+        backward pass through the graph (which is retained for your backward); otherwise nothing.
+        """
+        if not self._capture.enabled:
+            return
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"outputs must be a Tensor, got {type(outputs).__name__}")
+        w = row_weights(outputs, mask)
+        self._n_examples = float(w.sum())
+        if self.fisher_type != "true" or not self._capture.active:
+            return
+        lik = normalize_likelihood(likelihood) or self.likelihood
+        if lik is None:
+            raise ValueError("set_outputs needs a likelihood (none was given to KFAC either)")
+        if not outputs.requires_grad:
+            raise ValueError("outputs must be part of the autograd graph (requires_grad)")
+        edges = [r.edge for layer in self._layers for r in layer.records]
+        if not edges:
+            return
+        loss = sampled_nll(outputs, lik, w, self._generator(outputs.device))
+        if not loss.requires_grad:
+            return
+        self._capture.phase = "fisher"
+        try:
+            torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
+        finally:
+            self._capture.phase = "loss"
+        self._fisher_ready = True
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One K-FAC step (see the module docstring); returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = self._step
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+
+        self._check_hooks()
+        bad = self._nonfinite_grads()
+        if self._capture.active:
+            self._update_factors(t)
+        every = int(_resolve(self.inverse_every, t))
+        missing = any("A" in self.state[lay.weight] and "QA" not in self.state[lay.weight]
+                      for lay in self._layers)
+        if t % every == 0 or missing:
+            self._decompose(t)
+        if self.ekfac and self._ekfac_rows:
+            self._update_ekfac(t)
+
+        adapt = (self.adaptive_damping and closure is not None and loss is not None
+                 and t % self.lm.interval == 0)
+        if self.adaptive_damping and closure is None and "lm" not in self._warned:
+            self._warn("lm", "adaptive_damping needs step(closure); damping is not adapted")
+        if adapt:
+            before = {id(p): (p.detach().clone(), p.grad.detach().clone())
+                      for g in self.param_groups for p in g["params"]
+                      if p.grad is not None and id(p) not in bad}
+
+        updates, precond = self._precondition(groups, bad, t)
+        if self.base_optimizer is None:
+            self._apply(updates, bad, t)
+        else:
+            self._apply_base(updates, bad)
+
+        if adapt:
+            self._adapt_damping(closure, _as_float(loss), before, precond, groups, t)
+        self._step += 1
+        self._reset_step_state()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The torch optimizer state (factors, eigenbases, EKFAC scales and momentum buffers live
+        in the per-parameter state of each layer's weight) plus the step counter, the sampling
+        generator and, in preconditioner-only mode, the base optimizer's state."""
+        sd = super().state_dict()
+        sd["kfac"] = {
+            "step": self._step,
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+        }
+        if self.base_optimizer is not None:
+            sd["base"] = self.base_optimizer.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sd = copy.deepcopy(dict(state_dict))
+        extra = sd.pop("kfac", {})
+        base = sd.pop("base", None)
+        super().load_state_dict(sd)
+        self._step = int(extra.get("step", 0))
+        for key, st in extra.get("generators", {}).items():
+            self._generator(torch.device(key)).set_state(st)
+        if base is not None:
+            if self.base_optimizer is None:
+                raise ValueError("state_dict holds a base optimizer state but this KFAC has none")
+            self.base_optimizer.load_state_dict(base)
+        for layer in self._layers:
+            layer.a_signature = None
+            layer.ekfac_cache = None
+        self._reset_step_state()
+
+    # ---------------------------------------------------------------------------- internals
+    def _warn(self, key: Optional[str], msg: str) -> None:
+        if key is not None:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(f"ngcuda.KFAC: {msg}", KFACWarning, stacklevel=3)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device if device.index is not None or device.type == "cpu"
+                  else torch.device(device.type, torch.cuda.current_device()))
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=key)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return gen
+
+    def _reset_step_state(self) -> None:
+        for layer in self._layers:
+            layer.clear()
+        self._n_examples: Optional[float] = None
+        self._fisher_ready = False
+        self._ekfac_rows: dict[int, tuple[Tensor, list, Optional[tuple]]] = {}
+        every = int(_resolve(self.factor_every, self._step))
+        self._capture.active = self._step % every == 0
+        self._capture.seq = 0
+
+    def _check_hooks(self) -> None:
+        for layer in self._layers:
+            if layer.fired:
+                if self._capture.active and layer.has_grad() and not layer.used_records() \
+                        and layer.records:
+                    self._warn(None, f"layer '{layer.name}' ran forward but no output gradient "
+                                     "reached its hook; its factors are not updated this step")
+                continue
+            if layer.has_grad():
+                self._warn(None, f"layer '{layer.name}' ({layer.kind}) has gradients but its "
+                                 "forward hook never fired this step (called through a functional "
+                                 "API or .forward bypassing hooks?); its gradient gets the plain "
+                                 "unpreconditioned update")
+            else:
+                self._warn(None, f"registered layer '{layer.name}' ({layer.kind}) did not run "
+                                 "during this step; its parameters are not updated")
+
+    def _nonfinite_grads(self) -> set[int]:
+        """Ids of parameters to leave untouched this step: their layer has a NaN/Inf gradient."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return set()
+        flags = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
+        bad = {id(p) for p, ok in zip(params, flags) if not ok}
+        if not bad:
+            return bad
+        for layer in self._layers:
+            ids = {id(p) for p in layer.params()}
+            if ids & bad:
+                bad |= ids
+        names = sorted(self._names.get(i, "?") for i in bad)
+        self._warn(None, f"non-finite gradient in {', '.join(names)}; those parameters (whole "
+                         "layers) are skipped this step and their state is left unchanged")
+        return bad
+
+    def _examples(self) -> Optional[float]:
+        if self._n_examples is not None:
+            return self._n_examples
+        last = max((r for layer in self._layers for r in layer.records if r.grad is not None),
+                   key=lambda r: r.seq, default=None)
+        if last is None:
+            return None
+        g = last.grad.reshape(last.grad.shape[0], -1) if last.grad.dim() > 1 else last.grad[:, None]
+        return float((g != 0).any(1).sum())
+
+    def _update_factors(self, t: int) -> None:
+        """Moving averages of A and G for every layer that was captured (step 2)."""
+        fisher = self.fisher_type == "true" and self._fisher_ready
+        if self.fisher_type == "true" and not self._fisher_ready:
+            self._warn("fisher", "fisher_type='true' but set_outputs(...) was not called before "
+                                 "backward; falling back to the empirical Fisher")
+        n = self._examples()
+        if not n:
+            return
+        decay = float(_resolve(self.factor_decay, t))
+        pending = []
+        for layer in self._layers:
+            recs = layer.used_records()
+            if not recs:
+                continue
+            g_rows = layer.grad_rows(recs, fisher)
+            if g_rows is None:
+                self._warn(None, f"layer '{layer.name}' got no sampled-target gradient (is it "
+                                 "upstream of the outputs given to set_outputs?); G not updated")
+                continue
+            st = self.state[layer.weight]
+            w = layer.weight
+            rows = g_rows.shape[0]
+            scale = math.sqrt(rows / n) * (1.0 if fisher else n)
+            g_rows = g_rows * scale
+            tg = torch.zeros(layer.g_size, layer.g_size, dtype=w.dtype, device=w.device)
+            ops.factor_update_(tg, g_rows, 0.0, False)
+            sig = layer.signature(recs)
+            ta = None
+            if not ("A" in st and st["A_pure"] and _same_signature(sig, layer.a_signature)):
+                ta = torch.zeros(layer.a_size, layer.a_size, dtype=w.dtype, device=w.device)
+                layer.a_statistic(ta, recs)
+            pending.append((layer, st, ta, tg, sig, recs, g_rows))
+        if not pending:
+            return
+        checks = [torch.isfinite(tg).all() if ta is None
+                  else torch.isfinite(tg).all() & torch.isfinite(ta).all()
+                  for (_, _, ta, tg, *_rest) in pending]
+        flags = torch.stack([c.cpu() for c in checks]).tolist()
+        for (layer, st, ta, tg, sig, recs, g_rows), ok in zip(pending, flags):
+            if not ok:
+                self._warn(None, f"non-finite factor statistics in layer '{layer.name}' (NaN/Inf "
+                                 "activations or gradients); its factors are left unchanged")
+                continue
+            first = "A" not in st
+            if first:
+                st["A"], st["G"] = ta, tg
+                st["A_pure"] = True
+                st["A_dirty"] = st["G_dirty"] = True
+                st["factor_updates"] = 1
+            else:
+                if ta is not None:
+                    if st["A_pure"] and torch.equal(ta, st["A"]):
+                        pass  # the same constant input again: the average is unchanged
+                    else:
+                        st["A"].mul_(decay).add_(ta, alpha=1.0 - decay)
+                        st["A_pure"] = decay == 0.0
+                        st["A_dirty"] = True
+                st["G"].mul_(decay).add_(tg, alpha=1.0 - decay)
+                st["G_dirty"] = True
+                st["factor_updates"] += 1
+            layer.a_signature = sig
+            if self.ekfac:
+                self._ekfac_rows[id(layer)] = (g_rows, recs, sig)
+
+    def _eigh(self, mats: list[Tensor], prevs: Optional[list[Tensor]]
+              ) -> list[Optional[tuple[Tensor, Tensor]]]:
+        """ONE batched call; failed matrices are retried in float64; None where all failed."""
+        out: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(mats)
+        try:
+            vals, vecs, status = ops.batched_eigh_with_status(mats, prevs, self.eigh.tol,
+                                                              self.eigh.max_sweeps)
+            okf = [torch.isfinite(v).all() & torch.isfinite(q).all() for v, q in zip(vals, vecs)]
+            converged = status.cpu() == ops.EighStatus.OK
+            ok = (torch.stack([o.cpu() for o in okf]) & converged).tolist()
+            for i, good in enumerate(ok):
+                if good:
+                    out[i] = (vals[i], vecs[i])
+        except (RuntimeError, ValueError) as err:
+            self._warn(None, f"batched_eigh failed ({err}); retrying")
+        failed = [i for i, o in enumerate(out) if o is None]
+        if failed and self.eigh.retry_float64:
+            for i in failed:
+                try:
+                    v, q = ops.batched_eigh([mats[i].double()], None, None, self.eigh.max_sweeps)
+                    if bool(torch.isfinite(v[0]).all()) and bool(torch.isfinite(q[0]).all()):
+                        out[i] = (v[0].to(mats[i].dtype), q[0].to(mats[i].dtype))
+                except (RuntimeError, ValueError):
+                    pass
+        return out
+
+    def _decompose(self, t: int) -> None:
+        """Step 3: eigendecompose every factor that changed since its last decomposition."""
+        slots, mats, prevs = [], [], []
+        for layer in self._layers:
+            st = self.state[layer.weight]
+            if "A" not in st:
+                continue
+            for key in ("A", "G"):
+                if st[f"{key}_dirty"] or f"Q{key}" not in st:
+                    slots.append((layer, st, key))
+                    mats.append(st[key])
+                    q = st.get(f"Q{key}")
+                    prevs.append(q if q is not None else
+                                 torch.eye(st[key].shape[0], dtype=st[key].dtype,
+                                           device=st[key].device))
+        if not mats:
+            return
+        res = self._eigh(mats, prevs if self.eigh.warm_start else None)
+        for (layer, st, key), r in zip(slots, res):
+            if r is None:
+                self._warn(None, f"eigendecomposition of {key} of layer '{layer.name}' failed, "
+                                 "also in float64; keeping its previous eigenbasis")
+                continue
+            st[f"lam{key}"] = r[0].clamp(min=0.0)
+            st[f"Q{key}"] = r[1].contiguous()
+            st[f"{key}_dirty"] = False
+            st["basis_step"] = t
+
+    def _update_ekfac(self, t: int) -> None:
+        decay = float(_resolve(self.factor_decay, t))
+        for layer in self._layers:
+            item = self._ekfac_rows.get(id(layer))
+            st = self.state[layer.weight]
+            if item is None or "QA" not in st or "QG" not in st:
+                continue
+            g_rows, recs, sig = item
+            QA = st["QA"]
+            cache = layer.ekfac_cache
+            if cache is not None and cache[1] is QA and _same_signature(cache[0], sig):
+                pa2 = cache[2]  # constant input, same basis: (Q_Aᵀ ā_r)² is unchanged
+            else:
+                pa2 = (layer.a_rows(recs).to(QA.dtype) @ QA).square_()
+                layer.ekfac_cache = (sig, QA, pa2) if sig is not None else None
+            s = ekfac_scales(g_rows, pa2, st["QG"], g_rows.shape[0])
+            if not bool(torch.isfinite(s).all()):
+                self._warn(None, f"non-finite EKFAC scales in layer '{layer.name}'; skipped")
+                continue
+            if "S" not in st or st.get("S_step", -1) < st.get("basis_step", 0):
+                st["S"] = s  # a new eigenbasis invalidates the old running scales
+            else:
+                st["S"].mul_(decay).add_(s, alpha=1.0 - decay)
+            st["S_step"] = t
+
+    def _lr_of(self, groups: dict[int, dict], p: nn.Parameter, t: int) -> float:
+        if self.base_optimizer is not None:
+            for g in self.base_optimizer.param_groups:
+                if any(q is p for q in g["params"]):
+                    return float(_resolve(g["lr"], t))
+        return float(_resolve(groups[id(p)]["lr"], t))
+
+    def _precondition(self, groups: dict[int, dict], bad: set[int], t: int
+                      ) -> tuple[dict[int, Tensor], list[tuple[KFACLayer, Tensor, Tensor]]]:
+        """Step 4: ONE ops.precondition call (per distinct damping) and KL clipping.
+
+        Returns the update of every preconditioned parameter and, per layer, (layer, gradient
+        matrix, preconditioned matrix)."""
+        batch: dict[float, list] = {}
+        done: list[tuple[KFACLayer, Tensor, Tensor, float]] = []
+        for layer in self._layers:
+            st = self.state[layer.weight]
+            if (not layer.fired or not layer.has_grad() or id(layer.weight) in bad
+                    or "QA" not in st or "QG" not in st):
+                continue
+            group = groups[id(layer.weight)]
+            g = layer.grad_matrix()
+            wd = float(_resolve(group["weight_decay"], t))
+            if wd:
+                g = g + wd * layer.param_matrix()
+            damping = float(_resolve(group["damping"], t))
+            if self.ekfac and "S" in st:
+                v = ekfac_precondition(g, st["QA"], st["QG"], st["S"], damping)
+                done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
+            else:
+                batch.setdefault(damping, []).append((layer, g.contiguous(), st))
+        for damping, items in batch.items():
+            vs = ops.precondition([g for _, g, _ in items], [s["QA"] for *_, s in items],
+                                  [s["lamA"] for *_, s in items], [s["QG"] for *_, s in items],
+                                  [s["lamG"] for *_, s in items], damping)
+            for (layer, g, _), v in zip(items, vs):
+                done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
+        if not done:
+            return {}, []
+        kl = _resolve(self.param_groups[0]["kl_clip"], t)
+        nu = 1.0
+        if kl:
+            vg = float(torch.stack([(v * g).sum() * (lr * lr) for _, g, v, lr in done]).sum())
+            nu = kl_clip_scale(vg, 1.0, kl)
+        updates: dict[int, Tensor] = {}
+        for layer, _, v, _ in done:
+            if nu != 1.0:
+                v = v * nu
+            for p, u in layer.split(v):
+                updates[id(p)] = u
+        return updates, [(layer, g, v) for layer, g, v, _ in done]
+
+    def _apply(self, updates: dict[int, Tensor], bad: set[int], t: int) -> None:
+        """Standalone update: momentum on the (preconditioned) direction, then θ ← θ − lr·d."""
+        for group in self.param_groups:
+            lr = float(_resolve(group["lr"], t))
+            mom = float(_resolve(group["momentum"], t))
+            wd = float(_resolve(group["weight_decay"], t))
+            for p in group["params"]:
+                if p.grad is None or id(p) in bad:
+                    continue
+                d = updates.get(id(p))
+                if d is None:
+                    d = p.grad if not wd else p.grad + wd * p.detach()
+                if mom:
+                    st = self.state[p]
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        st["momentum_buffer"] = buf = d.detach().clone()
+                    else:
+                        buf.mul_(mom).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+
+    def _apply_base(self, updates: dict[int, Tensor], bad: set[int]) -> None:
+        """Preconditioner-only mode: write the preconditioned gradients, then the base step."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in bad:
+                    p.grad = None  # the base optimizer skips parameters without a gradient
+                    continue
+                u = updates.get(id(p))
+                if u is not None:
+                    if p.grad is None:
+                        p.grad = u.clone()
+                    else:
+                        p.grad.copy_(u)
+        self.base_optimizer.step()
+
+    def _adapt_damping(self, closure: Callable[[], Any], loss_old: float,
+                       before: dict[int, tuple[Tensor, Tensor]],
+                       precond: list[tuple[KFACLayer, Tensor, Tensor]],
+                       groups: dict[int, dict], t: int) -> None:
+        """Levenberg–Marquardt: compare the loss change with the quadratic model's prediction.
+
+        The model is ``M(δ) − M(0) = ∇Lᵀδ + ½ δᵀF̃δ`` with the UNDAMPED K-FAC curvature F̃
+        (the damping is the trust-region device being tuned, as in Martens & Grosse 2015); layers
+        without K-FAC blocks contribute their linear term only. δ is the update actually applied.
+        """
+        damping = float(self.param_groups[0]["damping"])
+        lin = torch.zeros((), dtype=torch.float64)
+        quad = torch.zeros((), dtype=torch.float64)
+        layer_of = {id(p): layer for layer, _, _ in precond for p in layer.params()}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in before:
+                    continue
+                old, grad = before[id(p)]
+                delta = p.detach() - old
+                lin += (grad * delta).sum().double().cpu()
+        for layer, _, _ in precond:
+            if not all(id(p) in before for p in layer.params()):
+                continue
+            st = self.state[layer.weight]
+            mats = []
+            for p in layer.params():
+                d = p.detach() - before[id(p)][0]
+                mats.append(d.reshape(layer.d_out, -1))
+            delta = torch.cat(mats, 1)
+            quad += damped_curvature_energy(delta, st["QA"], st["lamA"], st["QG"], st["lamG"],
+                                            0.0, st.get("S") if self.ekfac else None
+                                            ).double().cpu()
+        predicted = float(lin + 0.5 * quad)
+        self._capture.enabled = False
+        try:
+            with torch.enable_grad():
+                loss_new = _as_float(closure())
+        finally:
+            self._capture.enabled = True
+        if predicted >= 0.0:
+            return
+        rho = (loss_new - loss_old) / predicted
+        new = lm_update(damping, rho, self.lm)
+        for group in self.param_groups:
+            group["damping"] = new
+        self.last_rho = rho
