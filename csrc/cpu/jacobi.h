@@ -110,19 +110,19 @@ NGCUDA_ALWAYS_INLINE Outcome run(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRICT vt, in
   }
 }
 
-// Writes eigenvalues ascending and eigenvectors as the COLUMNS of row-major `vectors` [n, n].
-// `order` is scratch of n entries.
-template <typename T>
-NGCUDA_ALWAYS_INLINE void sorted_output(const T* NGCUDA_RESTRICT b, const T* NGCUDA_RESTRICT vt,
+// Writes eigenvalues (the final diagonal `diag`) ascending and eigenvectors (rows of `vt`) as
+// the COLUMNS of row-major `vectors` [n, n], converting to the output type. `order` is scratch
+// of n entries.
+template <typename C, typename T>
+NGCUDA_ALWAYS_INLINE void sorted_output(const C* NGCUDA_RESTRICT diag, const C* NGCUDA_RESTRICT vt,
                                         int64_t n, int64_t* NGCUDA_RESTRICT order,
                                         T* NGCUDA_RESTRICT values, T* NGCUDA_RESTRICT vectors) {
   std::iota(order, order + n, int64_t(0));
-  std::sort(order, order + n,
-            [&](int64_t i, int64_t j) { return b[i * n + i] < b[j * n + j]; });
-  for (int64_t j = 0; j < n; ++j) values[j] = b[order[j] * n + order[j]];
+  std::sort(order, order + n, [&](int64_t i, int64_t j) { return diag[i] < diag[j]; });
+  for (int64_t j = 0; j < n; ++j) values[j] = static_cast<T>(diag[order[j]]);
   for (int64_t j = 0; j < n; ++j) {
-    const T* src = vt + order[j] * n;
-    for (int64_t r = 0; r < n; ++r) vectors[r * n + j] = src[r];
+    const C* src = vt + order[j] * n;
+    for (int64_t r = 0; r < n; ++r) vectors[r * n + j] = static_cast<T>(src[r]);
   }
 }
 
