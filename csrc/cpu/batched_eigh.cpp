@@ -309,9 +309,9 @@ struct Solver {
     }
   }
 
-  void run(const std::vector<Item>& items, int64_t nmax_jacobi) {
+  void run(const std::vector<Item>& items, int64_t nmax_jacobi, bool parallel) {
     std::atomic<size_t> next{0};
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, parallel ? at::get_num_threads() : 1, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         Workspace w(nmax_jacobi);
         for (size_t k = next++; k < items.size(); k = next++) {
@@ -391,11 +391,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  // Waking a second thread can cost a scheduler tick (milliseconds) on a loaded machine, more than
+  // a small batch takes on one core (Σn³ = 5e5 is about half a millisecond of LAPACK).
+  double total_cost = 0.0;
+  for (const Item& item : items) total_cost += item.cost;
+  const bool parallel = total_cost >= 5e5;
 
   const double tol_value = tol.has_value() ? *tol : (dtype == at::kFloat ? 1e-7 : 1e-14);
   AT_DISPATCH_FLOATING_TYPES(dtype, "ngcuda_batched_eigh", [&] {
     Solver<scalar_t>{a, prev, values, vectors, status.data_ptr<int32_t>(), tol_value, max_sweeps}
-        .run(items, nmax_jacobi);
+        .run(items, nmax_jacobi, parallel);
   });
   return {values, vectors, status};
 }
