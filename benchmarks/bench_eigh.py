@@ -3,7 +3,14 @@
 Workload: a batch of K-FAC-like factors A_old = XᵀX/m (X [m=2n, n] Gaussian with decaying column
 scales, so the spectrum spans a few decades like an activation covariance). Warm start: the
 factor drifts by a PSD step, A_new = A_old + drift·‖A_old‖_F·P/‖P‖_F with P = HHᵀ (H [n, n]
-Gaussian), and prev = eigenvectors of A_old, as a K-FAC optimizer would hold them.
+Gaussian), relative size drift = 1e-3 by default (--drift), and prev = float32 eigenvectors of
+A_old, as a K-FAC optimizer would hold them. Accuracy columns are the worst over the batch,
+evaluated in float64: residual ‖AQ−QΛ‖_F/‖A‖_F, orthogonality ‖QᵀQ−I‖_F, and eigenvalue error
+max|λ−λ_ref|/max|λ_ref| against float64 eigvalsh.
+
+Timings are wall-clock medians; on a machine shared with other jobs, MKL's threaded syevd (torch)
+suffers more from a descheduled thread than ngcuda's dynamic per-matrix scheduling, so compare
+runs at --threads 1 too (per-core efficiency) before reading a ratio as a speed-up.
 
 Methods, all on the same list and timed round-robin so machine noise hits them alike:
   torch stacked  torch.linalg.eigh on a pre-stacked [B, n, n] tensor (torch's best case)
@@ -16,7 +23,7 @@ sweeps; --force-warm-jacobi lifts that limit (NGCUDA_EIGH_WARM_JACOBI_MAX_N) to 
 measurement behind it.
 
 Usage: python benchmarks/bench_eigh.py [--quick] [--json PATH] [--sizes 16 64 256] [--batch 64]
-       [--drift 1e-3] [--dtype float32] [--force-warm-jacobi]
+       [--drift 1e-3] [--dtype float32] [--threads N] [--force-warm-jacobi]
 """
 from __future__ import annotations
 
@@ -159,12 +166,16 @@ def main() -> None:
                         help="relative Frobenius size of the PSD step between factors")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for every method (default: torch's own)")
     parser.add_argument("--force-warm-jacobi", action="store_true",
                         help="run warm starts through Jacobi at every size")
     args = parser.parse_args()
     if args.force_warm_jacobi:
         # Read by the kernel on its first warm call, which has not happened yet.
         os.environ["NGCUDA_EIGH_WARM_JACOBI_MAX_N"] = str(1 << 30)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     repeats, warmup = (3, 1) if args.quick else (9, 2)
     dtype = getattr(torch, args.dtype)
 
