@@ -138,6 +138,7 @@ __global__ void jacobi_eigh_kernel(const int64_t* __restrict__ desc, int* __rest
       break;
     }
     if (sweep >= max_sweeps) break;
+    const double skip_below = plan::kSkipRms * sqrt(off2 / (static_cast<double>(n) * (n - 1)));
     for (int r = 0; r < m - 1; ++r) {
       // 1. The rotation of each pair of this round, from the current 2×2 blocks.
       for (int i = tid; i < half; i += nt) {
@@ -148,14 +149,16 @@ __global__ void jacobi_eigh_kernel(const int64_t* __restrict__ desc, int* __rest
         W c = W(1), s = W(0), t = W(0);
         if (q < n) {
           const W apq = A[p * lda + q];
-          if (apq != W(0)) {
-            const W app = A[p * lda + p];
-            const W aqq = A[q * lda + q];
+          const W app = A[p * lda + p];
+          const W aqq = A[q * lda + q];
+          const bool tiny_in_cluster = fabs(apq) < skip_below &&
+                                       fabs(aqq - app) < W(2 * plan::kSkipTheta) * fabs(apq);
+          if (apq != W(0) && !tiny_in_cluster) {
             sym_schur2(app, aqq, apq, &c, &s, &t);
             rdp[i] = app - t * apq;
             rdq[i] = aqq + t * apq;
           } else {
-            q = -1;  // already zero: no rotation
+            q = -1;  // zero, or left for later (see kSkipRms): no rotation
           }
         } else {
           q = -1;  // a bye of the odd-n schedule
