@@ -67,8 +67,9 @@ __device__ void sym_schur2(T app, T aqq, T apq, T* c, T* s, T* t) {
   *t = tt;
 }
 
+// 512 threads at most (plan::jacobi_threads); the bound keeps the register count launchable.
 template <typename T>
-__global__ void jacobi_eigh_kernel(const int64_t* __restrict__ desc, int* __restrict__ status,
+__global__ void __launch_bounds__(512) jacobi_eigh_kernel(const int64_t* __restrict__ desc, int* __restrict__ status,
                                    double tol, int max_sweeps, double warm_limit) {
   const int64_t* dsc = desc + static_cast<int64_t>(blockIdx.x) * kJacobiDescFields;
   const T* in = reinterpret_cast<const T*>(dsc[0]);
