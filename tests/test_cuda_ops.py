@@ -98,6 +98,40 @@ def test_factor_update_invalid_weight_poisons_factor(bad):
     assert torch.isnan(f).all()
 
 
+@pytest.mark.parametrize("append_bias", [False, True])
+def test_factor_update_tf32_path(append_bias):
+    """float32 with torch.backends.cuda.matmul.allow_tf32: cuBLAS on tensor cores, same rules."""
+    gen = torch.Generator().manual_seed(9)
+    N, d = 700, 90
+    x = torch.randn(N, d, dtype=torch.float64, generator=gen)
+    w = (torch.rand(N, generator=gen) < 0.5).double() * torch.rand(N, dtype=torch.float64,
+                                                                   generator=gen)
+    x_in = x.clone()
+    x_in[w == 0] = float("nan")
+    x[w == 0] = 0.0
+    D = d + int(append_bias)
+    factor = random_factor(D, torch.float32, gen)
+    ref = reference.factor_update(factor.cpu(), x, 0.3, append_bias, w)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        torch.ops.ngcuda.factor_update_(factor, x_in.float().to(DEV), 0.3, append_bias,
+                                        w.float().to(DEV))
+        before = factor.clone()
+        torch.ops.ngcuda.factor_update_(factor, x_in.float().to(DEV), 0.3, append_bias,
+                                        torch.zeros(N, device=DEV))
+        assert torch.equal(factor, before), "Σw = 0 must leave the factor unchanged"
+        bad = w.float().to(DEV)
+        bad[1] = -1.0
+        poisoned = factor.clone()
+        torch.ops.ngcuda.factor_update_(poisoned, x_in.float().to(DEV), 0.3, append_bias, bad)
+        assert torch.isnan(poisoned).all()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert rel_err(factor, ref) <= 2e-3
+    assert torch.equal(factor, factor.T)
+
+
 def test_factor_update_is_deterministic():
     x = torch.randn(20000, 40, device=DEV)
     f1 = torch.eye(41, device=DEV)

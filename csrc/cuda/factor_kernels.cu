@@ -176,6 +176,27 @@ __global__ void blend_epilogue_kernel(T* __restrict__ f, int64_t D, int64_t T_si
   }
 }
 
+template <typename T>
+__global__ void blend_dense_kernel(T* __restrict__ f, int64_t D, const T* __restrict__ S,
+                                   const double* __restrict__ wsum, const int* __restrict__ bad,
+                                   double decay) {
+  const double total = wsum[0];
+  const bool poison = *bad != 0;
+  if (!poison && total == 0.0) return;
+  const T a = static_cast<T>(decay);
+  const T b = static_cast<T>((1.0 - decay) / total);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < D * D;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = e / D;
+    const int64_t j = e - i * D;
+    if (i > j) continue;
+    const T v = poison ? nan : (a == T(0) ? T(0) : a * f[e]) + b * S[e];
+    f[e] = v;
+    f[j * D + i] = v;
+  }
+}
+
 constexpr int kAggThreads = 256;
 constexpr int kAggCols = 4;  // columns per lane per pass over the row's edges
 
@@ -258,6 +279,17 @@ cudaError_t launch_blend_epilogue(T* factor, int64_t D, int64_t ksplit, const T*
 }
 
 template <typename T>
+cudaError_t launch_blend_dense(T* factor, int64_t D, const T* S, const double* wsum,
+                               const int* bad, double decay, cudaStream_t stream) {
+  if (D <= 0) return cudaSuccess;
+  int64_t blocks = (D * D + 255) / 256;
+  if (blocks > 4096) blocks = 4096;
+  blend_dense_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(factor, D, S, wsum, bad,
+                                                                            decay);
+  return cudaGetLastError();
+}
+
+template <typename T>
 cudaError_t launch_csr_aggregate(const int64_t* rowptr, const int64_t* col, const T* value,
                                  const T* x, int64_t x_rows, int64_t d, int64_t nnz,
                                  int64_t num_rows, const T* w, int64_t row0, int64_t rows, T* out,
@@ -275,6 +307,8 @@ cudaError_t launch_csr_aggregate(const int64_t* rowptr, const int64_t* col, cons
                                             T*, double*, int*, bool, cudaStream_t);               \
   template cudaError_t launch_blend_epilogue<T>(T*, int64_t, int64_t, const T*, const double*,   \
                                                 const int*, double, cudaStream_t);               \
+  template cudaError_t launch_blend_dense<T>(T*, int64_t, const T*, const double*, const int*,   \
+                                             double, cudaStream_t);                              \
   template cudaError_t launch_csr_aggregate<T>(const int64_t*, const int64_t*, const T*,         \
                                                const T*, int64_t, int64_t, int64_t, int64_t,     \
                                                const T*, int64_t, int64_t, T*, int*,             \

@@ -9,7 +9,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -67,6 +70,37 @@ at::Tensor weights_as(const c10::optional<at::Tensor>& row_weight, const at::Ten
   return row_weight->to(factor.scalar_type()).contiguous();
 }
 
+// The TF32 path (float32 factors when torch.backends.cuda.matmul.allow_tf32 is set): the Gram
+// matrix from one cuBLAS GEMM on tensor cores (10-bit mantissa products, ~3e-4 relative error),
+// the bias column and Σw from reductions, all on the device, then the same blend.
+void factor_update_tf32(const at::Tensor& factor, const at::Tensor& x, double decay,
+                        bool append_bias, const at::Tensor& w, cudaStream_t stream) {
+  const int64_t d = x.size(1);
+  const int64_t D = factor.size(0);
+  at::Tensor xs = x.to(at::kFloat);
+  at::Tensor xw = xs;
+  at::Tensor wsum, bad;
+  if (w.defined()) {
+    // A row of weight 0 is left out entirely, so NaN or Inf in it cannot reach the factor.
+    xs = xs.masked_fill(w.eq(0).unsqueeze(1), 0.0);
+    xw = xs.mul(w.unsqueeze(1));
+    wsum = w.sum(at::kDouble).reshape({1});
+    bad = w.lt(0).logical_or(w.isfinite().logical_not()).any().to(at::kInt).reshape({1});
+  } else {
+    wsum = at::full({1}, static_cast<double>(x.size(0)), factor.options().dtype(at::kDouble));
+    bad = at::zeros({1}, factor.options().dtype(at::kInt));
+  }
+  at::Tensor S = at::empty({D, D}, factor.options());
+  at::Tensor gram = S.narrow(0, 0, d).narrow(1, 0, d);
+  at::mm_out(gram, xw.t(), xs);
+  if (append_bias) {
+    S.narrow(0, 0, d).select(1, d).copy_(xw.sum(0));
+    S.select(0, d).narrow(0, d, 1).copy_(wsum.to(at::kFloat));
+  }
+  C10_CUDA_CHECK(launch_blend_dense<float>(ptr<float>(factor), D, ptr<float>(S),
+                                           ptr<double>(wsum), ptr<int>(bad), decay, stream));
+}
+
 void factor_update_cuda(const at::Tensor& factor, const at::Tensor& x, double decay,
                         bool append_bias, const c10::optional<at::Tensor>& row_weight) {
   check_common(factor, x, decay, append_bias);
@@ -76,8 +110,12 @@ void factor_update_cuda(const at::Tensor& factor, const at::Tensor& x, double de
   if (N == 0 || factor.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(factor.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor xs = x.to(factor.scalar_type()).contiguous();
   const at::Tensor w = weights_as(row_weight, factor);
+  if (factor.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS()) {
+    factor_update_tf32(factor, x, decay, append_bias, w, stream);
+    return;
+  }
+  const at::Tensor xs = x.to(factor.scalar_type()).contiguous();
   SyrkWorkspace ws = make_workspace(factor, N);
   AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "ngcuda_factor_update_cuda", [&] {
     C10_CUDA_CHECK(launch_syrk_upper<scalar_t>(ptr<scalar_t>(xs), ptr<scalar_t>(w), N, d,

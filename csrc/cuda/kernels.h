@@ -26,6 +26,12 @@ cudaError_t launch_blend_epilogue(T* factor, int64_t D, int64_t ksplit, const T*
                                   const double* wsum, const int* bad, double decay,
                                   cudaStream_t stream);
 
+// The same blend from a dense row-major D×D S (upper triangle read), Σw = wsum[0], for the TF32
+// path whose S comes from cuBLAS.
+template <typename T>
+cudaError_t launch_blend_dense(T* factor, int64_t D, const T* S, const double* wsum,
+                               const int* bad, double decay, cudaStream_t stream);
+
 // out[r - row0] = Σ_e value[e]·x[col[e]] over rows r ∈ [row0, row0 + rows) of the CSR (rowptr
 // [num_rows + 1], col/value [nnz]); rows of weight 0 are written as zeros without a gather.
 // Malformed rows (rowptr not monotone or outside [0, nnz]) count as empty, out-of-range columns
