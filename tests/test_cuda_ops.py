@@ -180,8 +180,10 @@ def test_sparse_factor_update_several_row_chunks():
     x = torch.randn(N, d, generator=gen)
     w = torch.rand(M, generator=gen)
     factor = torch.zeros(d + 1, d + 1, device=DEV)
-    ref = reference.sparse_factor_update(torch.zeros(d + 1, d + 1), rowptr, col, None, x, 0.0,
-                                         True, w)
+    # The float64 oracle runs on the GPU here: 35 GFLOP would take a while on the CPU.
+    ref = reference.sparse_factor_update(
+        torch.zeros(d + 1, d + 1, dtype=torch.float64, device=DEV), rowptr.to(DEV), col.to(DEV),
+        None, x.double().to(DEV), 0.0, True, w.double().to(DEV))
     torch.ops.ngcuda.sparse_factor_update_(factor, rowptr.to(DEV), col.to(DEV), None, x.to(DEV),
                                            0.0, True, w.to(DEV))
     assert rel_err(factor, ref) <= 1e-5
