@@ -7,6 +7,8 @@ import sys
 BENCHMARKS = {
     "factor": "benchmarks.bench_factor",
     "precondition": "benchmarks.bench_precondition",
+    "eigh": "benchmarks.bench_eigh",
+    "step": "benchmarks.bench_step",
 }
 
 

@@ -156,8 +156,8 @@ def print_table(results: list[dict]) -> None:
             print(f"      warm start: {r['warm_not_converged']} matrices did not converge")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks eigh", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
@@ -170,7 +170,7 @@ def main() -> None:
                         help="torch.set_num_threads for every method (default: torch's own)")
     parser.add_argument("--force-warm-jacobi", action="store_true",
                         help="run warm starts through Jacobi at every size")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.force_warm_jacobi:
         # Read by the kernel on its first warm call, which has not happened yet.
         os.environ["NGCUDA_EIGH_WARM_JACOBI_MAX_N"] = str(1 << 30)

@@ -85,8 +85,8 @@ def make_variant(name: str, data, hidden: int, device: torch.device):
     return epoch, accuracy
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--blocks", type=int, default=6)
@@ -95,8 +95,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--variants", default="adam,kfac-true,kfac-empirical,adam-kfac-true,ekfac-true",
                     help="adam | kfac-true | kfac-empirical | adam-kfac-true | ekfac-true")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_step.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", "--json", dest="out",
+                    default=str(ROOT / "benchmarks" / "results" / "cpu-step.json"))
+    ap.add_argument("--quick", action="store_true", help="a few epochs of adam and kfac-true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs, args.warmup, args.blocks, args.variants = 4, 1, 2, "adam,kfac-true"
     warnings.simplefilter("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
