@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the 784-1000-500-250-30 MNIST autoencoder with several optimizers. "
                        "Without --data-root the shipped 10k MNIST test images are used: 8000 train, 2000 test.")
     a.add_argument("--batch-size", type=_positive_int, default=1000, help="default 1000")
+    a.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
+                   help="use only the first N training images (quick runs)")
     _common(a, default_epochs=10)
     a.set_defaults(_handler=cmd_train_ae, _parser=a)
     return parser
@@ -278,6 +280,8 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     except (FileNotFoundError, ValueError) as e:
         print(f"ngcuda train-ae: error: {e}", file=sys.stderr)
         return 1
+    if args.train_size is not None:
+        x_train = x_train[: args.train_size]
     cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size)
     opt_cfg = OptimizerConfig(
         lr=args.lr, momentum=args.momentum, weight_decay=0.0 if args.weight_decay is None else args.weight_decay,

@@ -19,6 +19,28 @@ def _pyg():
     return gnn
 
 
+def input_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout on the input features x [N, F], dense or sparse CSR.
+
+    The same distribution as F.dropout, but random numbers are drawn for the nonzero entries only (as in
+    Kipf & Welling's sparse dropout): bag-of-words features are ~1% dense, and drawing N×F Bernoulli
+    samples would dominate a full-batch GCN step.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.layout == torch.sparse_csr:
+        keep = (torch.rand(x.values().shape, device=x.device) >= p).to(x.dtype) / (1.0 - p)
+        return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), x.values() * keep, size=x.shape)
+    if x.requires_grad or x.layout != torch.strided:
+        return F.dropout(x, p, training)
+    nz = x != 0
+    vals = x[nz]
+    keep = (torch.rand(vals.shape, device=x.device) >= p).to(x.dtype) / (1.0 - p)
+    out = torch.zeros_like(x)
+    out[nz] = vals * keep
+    return out
+
+
 class GCN(nn.Module):
     """Kipf & Welling's 2-layer GCN: GCNConv -> ReLU -> dropout -> GCNConv.
 
@@ -33,8 +55,7 @@ class GCN(nn.Module):
         self.conv2 = gnn.GCNConv(hidden, out_channels, cached=True)
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        if x.layout == torch.strided:
-            x = F.dropout(x, self.dropout, self.training)
+        x = input_dropout(x, self.dropout, self.training)
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.dropout, self.training)
         return self.conv2(x, edge_index)
@@ -51,7 +72,7 @@ class SAGE(nn.Module):
         self.conv2 = gnn.SAGEConv(hidden, out_channels, aggr="mean")
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        x = F.dropout(x, self.dropout, self.training)
+        x = input_dropout(x, self.dropout, self.training)
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.dropout, self.training)
         return self.conv2(x, edge_index)
@@ -75,7 +96,7 @@ class GIN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        x = F.dropout(x, self.dropout, self.training)
+        x = input_dropout(x, self.dropout, self.training)
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.dropout, self.training)
         return self.conv2(x, edge_index)
@@ -108,8 +129,7 @@ class DeepGCN(nn.Module):
         self.convs = nn.ModuleList(gnn.GCNConv(a, b, cached=True) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        if x.layout == torch.strided:
-            x = F.dropout(x, self.dropout, self.training)
+        x = input_dropout(x, self.dropout, self.training)
         x = F.relu(self.convs[0](x, edge_index))
         for conv in self.convs[1:-1]:
             h = F.relu(conv(F.dropout(x, self.dropout, self.training), edge_index))

@@ -1,6 +1,7 @@
 """The `Graph` container shared by every graph loader, and the helpers that build it."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -152,6 +153,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def known_sha256() -> dict[str, str]:
     """File name -> sha256 of every data file whose content is known (SHA256SUMS, shipped with the package)."""
     table = {}

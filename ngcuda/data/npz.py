@@ -91,6 +91,7 @@ def load_npz(
             torch.from_numpy(attr.indices.astype(np.int64)),
             torch.from_numpy(attr.data),
             size=attr.shape,
+            check_invariants=True,
         )
     else:
         x = torch.from_numpy(attr.toarray())

@@ -27,6 +27,13 @@ def _reconstruct():
     return _reconstruct
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """Python 3 pickles bytes under protocol 2 as _codecs.encode(str, "latin1"); allow just that codec."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"ngcuda: refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 def _build_allowed() -> dict[tuple[str, str], Any]:
     """(module, name) -> object for the names the Planetoid pickles use. numpy and scipy moved these private
     paths between versions, so both spellings are listed; each resolves to the same public object."""
@@ -43,6 +50,7 @@ def _build_allowed() -> dict[tuple[str, str], Any]:
         ("collections", "defaultdict"): defaultdict,
         ("__builtin__", "list"): list,
         ("builtins", "list"): list,
+        ("_codecs", "encode"): _latin1_encode,
     }
 
 
@@ -76,7 +84,6 @@ def _file(root: Path, name: str, suffix: str) -> Path:
                 "is not shipped with ngcuda)"
             )
         raise missing_file(path, f"Planetoid {name!r}{hint}")
-    verify_sha256(path)
     return path
 
 
@@ -97,13 +104,13 @@ def _as_array(obj: Any, path: Path) -> np.ndarray:
 
 
 def load_planetoid(
-    name: str, root: str | Path | None = None, split: str = "public", seed: int = 0
+    name: str, root: str | Path | None = None, split: str = "public", seed: int = 0, num_val: int = 500
 ) -> Graph:
     """Load a Planetoid graph.
 
     name:  "cora", "citeseer" or "pubmed" (any `ind.<name>.*` set when `root` is given).
     root:  folder holding the raw files; None uses the copies shipped with ngcuda (Cora, CiteSeer only).
-    split: "public" (train = the labelled x/y rows, val = the next 500 nodes, test = test.index),
+    split: "public" (train = the labelled x/y rows, val = the next `num_val` (500) nodes, test = test.index),
            "full" (train = every labelled node outside val/test), or
            "random" (20 per class for training, then 500 val and 1000 test, drawn with `seed`).
     Returns a Graph with dense float32 x [N, F] (raw, not row-normalised).
@@ -126,8 +133,11 @@ def load_planetoid(
         folder = Path(root)
         if (folder / "planetoid").is_dir() and not (folder / f"ind.{name}.graph").exists():
             folder = folder / "planetoid"
-    objs = {k: restricted_load(_file(folder, name, k)) for k in ("x", "tx", "allx", "y", "ty", "ally", "graph")}
-    index_path = _file(folder, name, "test.index")
+    paths = {k: _file(folder, name, k) for k in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")}
+    for path in paths.values():
+        verify_sha256(path)
+    objs = {k: restricted_load(p) for k, p in paths.items() if k != "test.index"}
+    index_path = paths["test.index"]
     test_index = np.loadtxt(index_path, dtype=np.int64, ndmin=1)
 
     x, tx, allx = (_as_csr(objs[k], folder / f"ind.{name}.{k}") for k in ("x", "tx", "allx"))
@@ -179,12 +189,19 @@ def load_planetoid(
         labelled=labelled,
     )
     n_train = y.shape[0]
-    val = index_to_mask(np.arange(n_train, n_train + 500), n)
+    val = index_to_mask(np.arange(n_train, n_train + num_val), n) if n_train + num_val <= n else None
     test = index_to_mask(test_index, n)
+    if val is None or (val & test).any():
+        raise ValueError(
+            f"Planetoid {name!r}: the {num_val} validation nodes after the {n_train} training nodes "
+            f"run into the test nodes or past the {n} nodes; pass a smaller num_val"
+        )
     if split == "public":
         train = index_to_mask(np.arange(n_train), n)
     elif split == "full":
         train = labelled & ~(val | test)
     else:
-        train, val, test = random_split(y_t, num_classes, 20, seed, num_val=500, num_test=1000, labelled=labelled)
+        train, val, test = random_split(
+            y_t, num_classes, 20, seed, num_val=num_val, num_test=test_index.size, labelled=labelled
+        )
     return g.with_split(train, val, test)
