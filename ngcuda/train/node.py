@@ -92,7 +92,7 @@ def prepare_features(graph: Graph, cfg: NodeConfig) -> torch.Tensor:
         0, torch.repeat_interleave(torch.arange(x.shape[0], device=val.device), counts), val
     )
     scale = torch.repeat_interleave(1.0 / rowsum.clamp_min(1e-12), counts)
-    return torch.sparse_csr_tensor(rowptr, col, val * scale, size=x.shape)
+    return torch.sparse_csr_tensor(rowptr, col, val * scale, size=x.shape, check_invariants=False)
 
 
 def _sync(device: torch.device) -> None:
