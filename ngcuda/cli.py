@@ -91,7 +91,7 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--optimizers", type=_optimizers, default=None, metavar="LIST",
                    help="comma list of adam, sgd, kfac, kfac-adam, kfac-sgd")
     p.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
-                   help="number of seeds (3 means 0,1,2) or a comma list of seeds")
+                   help="number of seeds (3 means 0,1,2) or a comma list of seeds (default 1: seed 0)")
     p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (default)")

@@ -27,10 +27,14 @@ def ae_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def ae_train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor
 ) -> float:
-    """One minibatch step; returns the loss before it. The one place that touches the optimizer."""
+    """One minibatch step; returns the loss before it. The one place that touches the optimizer; an
+    optimizer with `set_outputs` (ngcuda.KFAC) gets the logits and the Bernoulli likelihood first."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = ae_loss(model(batch), batch)
+    logits = model(batch)
+    if hasattr(optimizer, "set_outputs"):
+        optimizer.set_outputs(logits, likelihood="bernoulli")
+    loss = ae_loss(logits, batch)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -73,7 +77,7 @@ def train_autoencoder(
     x_train, x_test = x_train.to(device), x_test.to(device)
     torch.manual_seed(seed)
     model = Autoencoder().to(device)
-    optimizer = make_optimizer(optimizer_name, model, opt_cfg)
+    optimizer = make_optimizer(optimizer_name, model, opt_cfg, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     history = []
     seconds = 0.0

@@ -90,7 +90,7 @@ def node_table(summary: dict[str, dict[str, float]]) -> str:
     rows = [
         [
             name,
-            f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f}",
+            f"{100 * s['test_acc_mean']:.2f}" + (f" ± {100 * s['test_acc_std']:.2f}" if s["seeds"] > 1 else ""),
             f"{100 * s['val_acc_mean']:.2f}",
             f"{s['best_epoch_mean']:.1f}",
             f"{1000 * s['seconds_per_epoch']:.2f}",
@@ -105,8 +105,8 @@ def ae_table(summary: dict[str, dict[str, float]]) -> str:
     rows = [
         [
             name,
-            f"{s['train_bce_mean']:.2f} ± {s['train_bce_std']:.2f}",
-            f"{s['train_sq_err_mean']:.3f} ± {s['train_sq_err_std']:.3f}",
+            f"{s['train_bce_mean']:.2f}" + (f" ± {s['train_bce_std']:.2f}" if s["seeds"] > 1 else ""),
+            f"{s['train_sq_err_mean']:.3f}" + (f" ± {s['train_sq_err_std']:.3f}" if s["seeds"] > 1 else ""),
             f"{s['test_sq_err_mean']:.3f}",
             f"{s['seconds_per_epoch']:.3f}",
             str(s["seeds"]),

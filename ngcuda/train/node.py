@@ -42,21 +42,34 @@ def node_loss(logits: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor, l
     return loss
 
 
+def loss_row_weights(train_mask: torch.Tensor, lam: float = 0.0) -> torch.Tensor:
+    """[N] weight of each node in the loss, for K-FAC's Fisher: 1 on training nodes, lam elsewhere
+    (Izadi et al.: n = |train| + λ_t·|rest|)."""
+    w = train_mask.to(torch.float32)
+    if lam > 0:
+        w = w + lam * (~train_mask).to(torch.float32)
+    return w
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     edge_index: torch.Tensor,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    rows: torch.Tensor | None = None,
 ) -> float:
     """One full-batch step: forward, loss, backward, optimizer step. Returns the loss before the step.
 
-    The one place that touches the optimizer, so an optimizer that wants a closure or the model's outputs
-    (a true-Fisher pass) is adapted here.
+    The one place that touches the optimizer. An optimizer with `set_outputs` (ngcuda.KFAC) gets the
+    logits, the categorical likelihood and `rows` ([N] row weights of the loss) before the backward, so it
+    can take its true-Fisher pass.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     logits = model(x, edge_index)
+    if hasattr(optimizer, "set_outputs"):
+        optimizer.set_outputs(logits, likelihood="categorical", mask=rows)
     loss = loss_fn(logits)
     loss.backward()
     optimizer.step()
@@ -120,14 +133,17 @@ def train_node_classifier(
     model = build_gnn(
         cfg.model, graph.num_features, graph.num_classes, cfg.hidden, cfg.dropout, cfg.layers, cfg.skip
     ).to(device)
-    optimizer = make_optimizer(optimizer_name, model, opt_cfg)
+    optimizer = make_optimizer(optimizer_name, model, opt_cfg, seed=seed)
     history = []
     seconds = 0.0
     for epoch in range(1, cfg.epochs + 1):
         lam = pseudo_label_weight(epoch, cfg.epochs, cfg.pseudo_label_gamma)
         _sync(device)
         t0 = time.perf_counter()
-        loss = train_step(model, optimizer, x, graph.edge_index, lambda z: node_loss(z, graph.y, graph.train_mask, lam))
+        loss = train_step(
+            model, optimizer, x, graph.edge_index, lambda z: node_loss(z, graph.y, graph.train_mask, lam),
+            loss_row_weights(graph.train_mask, lam),
+        )
         _sync(device)
         seconds += time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": loss, **evaluate(model, graph, x), "seconds": seconds}

@@ -1,6 +1,7 @@
 """Optimizers by name, for the command line's side-by-side comparisons."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +56,16 @@ def parse_optimizers(text: str) -> list[str]:
     return names
 
 
-def make_optimizer(name: str, model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: nn.Module, cfg: OptimizerConfig, seed: int | None = None
+) -> torch.optim.Optimizer:
     """The optimizer `name` (one of OPTIMIZERS) over `model`'s parameters.
 
     kfac:      ngcuda.KFAC with its own momentum and weight decay.
     kfac-adam: ngcuda.KFAC preconditioning the gradient for an inner Adam (lr, weight_decay).
     kfac-sgd:  the same with SGD (lr, momentum).
-    K-FAC options left None are not passed, so ngcuda.KFAC's defaults apply.
+    K-FAC options left None are not passed, so ngcuda.KFAC's defaults apply; `seed` seeds K-FAC's
+    sampling of true-Fisher targets (when ngcuda.KFAC takes a seed).
     """
     lr = cfg.lr_for(name)
     if name == "adam":
@@ -87,6 +91,8 @@ def make_optimizer(name: str, model: nn.Module, cfg: OptimizerConfig) -> torch.o
         )
         if v is not None
     }
+    if seed is not None and "seed" in inspect.signature(ngcuda.KFAC).parameters:
+        kfac_opts["seed"] = seed
     if name == "kfac":
         return ngcuda.KFAC(model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kfac_opts)
     if name == "kfac-adam":
