@@ -89,7 +89,7 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="folder with the dataset files (default: the data shipped with ngcuda)")
     p.add_argument("--optimizers", type=_optimizers, default=None, metavar="LIST",
-                   help="comma list of adam, sgd, kfac, kfac-adam, kfac-sgd")
+                   help="comma list of adam, sgd, kfac, kfac-adam, kfac-sgd (default: train kfac,adam; train-ae kfac,adam,sgd)")
     p.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
                    help="number of seeds (3 means 0,1,2) or a comma list of seeds (default 1: seed 0)")
     p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")
@@ -99,7 +99,8 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     g.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate for every optimizer (default: per optimizer, see ngcuda.train.optimizers)")
     g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD and K-FAC momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=None, help="L2 coefficient")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
+                   help="L2 coefficient (default: train 5e-4, train-ae 0)")
     g.add_argument("--damping", type=_positive_float, default=None, help="K-FAC Tikhonov damping")
     g.add_argument("--factor-decay", type=_unit_float, default=None, help="K-FAC factor moving-average decay")
     g.add_argument("--inverse-every", type=_positive_int, default=None,

@@ -19,6 +19,7 @@ from .graph import FILES, Graph, clean_adjacency, index_to_mask, missing_file, r
 SHIPPED = ("cora", "citeseer")
 SPLITS = ("public", "full", "random")
 
+
 def _reconstruct():
     try:
         from numpy._core.multiarray import _reconstruct
