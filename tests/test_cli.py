@@ -138,3 +138,99 @@ def test_python_m_ngcuda_exit_code():
     proc = subprocess.run([sys.executable, "-m", "ngcuda", "train", "--epochs", "-3"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--epochs" in proc.stderr
+
+
+# ---------------------------------------------------------------- the pieces behind the commands
+
+def test_node_loss_and_pseudo_labels():
+    from ngcuda.train.node import loss_row_weights, node_loss, pseudo_label_weight
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0, 2])
+    train = torch.tensor([True, True, False, False, True, False])
+    logp = torch.log_softmax(logits, 1)
+    ce_train = -(logp[[0, 1, 4], [0, 2, 0]]).mean()
+    pseudo = logits.argmax(1)
+    ce_rest = -(logp[[2, 3, 5], pseudo[[2, 3, 5]]]).mean()
+    torch.testing.assert_close(node_loss(logits, y, train), ce_train)
+    torch.testing.assert_close(node_loss(logits, y, train, 0.25), ce_train + 0.25 * ce_rest)
+    assert pseudo_label_weight(50, 200, None) == 0.0
+    assert pseudo_label_weight(50, 200, 2.0) == pytest.approx(1 / 16)
+    assert loss_row_weights(train).tolist() == [1, 1, 0, 0, 1, 0]
+    assert loss_row_weights(train, 0.5).tolist() == [1, 1, 0.5, 0.5, 1, 0.5]
+    # the pseudo-label term must not push gradients through the targets
+    lg = logits.clone().requires_grad_()
+    node_loss(lg, y, train, 1.0).backward()
+    assert torch.isfinite(lg.grad).all()
+
+
+def test_prepare_features_sparse_matches_dense():
+    from ngcuda.data import Graph
+    from ngcuda.train.node import NodeConfig, prepare_features
+
+    x = torch.tensor([[1.0, 0, 3], [0, 0, 0], [2, 2, 0]])
+    g = Graph(x=x, edge_index=torch.empty(2, 0, dtype=torch.long), y=torch.zeros(3, dtype=torch.long),
+              train_mask=torch.ones(3, dtype=torch.bool), val_mask=torch.zeros(3, dtype=torch.bool),
+              test_mask=torch.zeros(3, dtype=torch.bool), num_classes=1, name="t")
+    dense = prepare_features(g, NodeConfig())
+    torch.testing.assert_close(dense, torch.tensor([[0.25, 0, 0.75], [0, 0, 0], [0.5, 0.5, 0]]))
+    g.x = x.to_sparse_csr()
+    torch.testing.assert_close(prepare_features(g, NodeConfig()).to_dense(), dense)
+    assert prepare_features(g, NodeConfig(model="sage")).layout == torch.strided
+    torch.testing.assert_close(prepare_features(g, NodeConfig(normalize_features=False)).to_dense(), x)
+
+
+def test_best_epoch_and_summary():
+    from ngcuda.train.metrics import best_epoch, mean_std, summarise_node_runs
+
+    hist = [
+        {"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "test_acc": 0.4, "train_loss": 2.0, "seconds": 1.0},
+        {"epoch": 2, "val_acc": 0.7, "val_loss": 0.9, "test_acc": 0.6, "train_loss": 1.0, "seconds": 2.0},
+        {"epoch": 3, "val_acc": 0.7, "val_loss": 0.8, "test_acc": 0.65, "train_loss": 0.5, "seconds": 3.0},
+        {"epoch": 4, "val_acc": 0.6, "val_loss": 0.7, "test_acc": 0.9, "train_loss": 0.4, "seconds": 4.0},
+    ]
+    assert best_epoch(hist)["epoch"] == 3  # tie on val_acc: lower val_loss wins
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([1.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(2 ** 0.5)
+    runs = [{"optimizer": "a", "seed": 0, "history": hist}, {"optimizer": "a", "seed": 1, "history": hist[:2]}]
+    summ = summarise_node_runs(runs)["a"]
+    assert summ["test_acc_mean"] == pytest.approx((0.65 + 0.6) / 2)
+    assert summ["seconds_per_epoch"] == pytest.approx(1.0)
+
+
+def test_ae_losses():
+    from ngcuda.train.autoencoder import ae_loss, reconstruction_errors
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 784, generator=gen, dtype=torch.float64)
+    z = torch.randn(5, 784, generator=gen, dtype=torch.float64)
+    p = torch.sigmoid(z)
+    ref = -(x * torch.log(p) + (1 - x) * torch.log(1 - p)).sum() / 5
+    torch.testing.assert_close(ae_loss(z, x), ref)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, inp):
+            return z[: inp.shape[0]]
+
+    ce, se = reconstruction_errors(Fixed(), x, batch_size=5)
+    assert ce == pytest.approx(float(ref)) and se == pytest.approx(float((p - x).square().sum() / 5))
+
+
+def test_make_optimizer():
+    from ngcuda.train.optimizers import OptimizerConfig, make_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    adam = make_optimizer("adam", model, OptimizerConfig(weight_decay=1e-3))
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 0.01
+    assert adam.defaults["weight_decay"] == 1e-3
+    sgd = make_optimizer("sgd", model, OptimizerConfig(lr=0.3, task="ae"))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 0.3 and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("lbfgs", model, OptimizerConfig())
+    if not kfac_available():
+        with pytest.raises(RuntimeError, match="ngcuda.KFAC"):
+            make_optimizer("kfac", model, OptimizerConfig())
+    else:
+        assert isinstance(make_optimizer("kfac-adam", model, OptimizerConfig()), ngcuda.KFAC)

@@ -67,13 +67,13 @@ def make_optimizer(
     K-FAC options left None are not passed, so ngcuda.KFAC's defaults apply; `seed` seeds K-FAC's
     sampling of true-Fisher targets (when ngcuda.KFAC takes a seed).
     """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
     lr = cfg.lr_for(name)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
     if not kfac_available():
         raise RuntimeError(
             f"optimizer {name!r} needs ngcuda.KFAC, which this build of ngcuda does not provide yet; "
