@@ -178,6 +178,8 @@ def test_prepare_features_sparse_matches_dense():
     g.x = x.to_sparse_csr()
     torch.testing.assert_close(prepare_features(g, NodeConfig()).to_dense(), dense)
     assert prepare_features(g, NodeConfig(model="sage")).layout == torch.strided
+    assert prepare_features(g, NodeConfig(), dense=True).layout == torch.strided
+    assert prepare_features(g, NodeConfig(model="deep-gcn")).layout == torch.sparse_csr
     torch.testing.assert_close(prepare_features(g, NodeConfig(normalize_features=False)).to_dense(), x)
 
 
