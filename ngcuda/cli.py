@@ -212,13 +212,17 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         damping=args.damping, factor_decay=args.factor_decay, inverse_every=args.inverse_every,
         kl_clip=args.kl_clip, task="gnn",
     )
+    split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
     try:
-        graphs = {s: load_graph(args.dataset, args.data_root, args.split, seed=s) for s in seeds}
+        if split == "random":  # one split per seed
+            graphs = {s: load_graph(args.dataset, args.data_root, split, seed=s) for s in seeds}
+        else:
+            g = load_graph(args.dataset, args.data_root, split)
+            graphs = {s: g for s in seeds}
     except (FileNotFoundError, ValueError) as e:
         print(f"ngcuda train: error: {e}", file=sys.stderr)
         return 1
     g0 = graphs[seeds[0]]
-    split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
     if not args.quiet:
         print(
             f"{args.dataset}: {g0.num_nodes} nodes, {g0.num_edges} directed edges, {g0.num_features} features, "
