@@ -89,7 +89,8 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="folder with the dataset files (default: the data shipped with ngcuda)")
     p.add_argument("--optimizers", type=_optimizers, default=None, metavar="LIST",
-                   help="comma list of adam, sgd, kfac, kfac-adam, kfac-sgd (default: train kfac,adam; train-ae kfac,adam,sgd)")
+                   help="comma list of adam, sgd, kfac, kfac-adam, kfac-sgd "
+                   "(default: train kfac,adam; train-ae kfac,adam,sgd)")
     p.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
                    help="number of seeds (3 means 0,1,2) or a comma list of seeds (default 1: seed 0)")
     p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")

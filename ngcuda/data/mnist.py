@@ -15,7 +15,10 @@ import torch
 from .graph import FILES, missing_file, verify_sha256
 
 SHIPPED_TRAIN = 8000  # of the shipped 10k images, the first 8000 train and the last 2000 test
-_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_DTYPES = {
+    0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -36,7 +39,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     count = int(np.prod(dims)) if dims else 1
     if len(buf) - header != count * dtype.itemsize:
         raise ValueError(
-            f"{path}: IDX header says {dims} ({count * dtype.itemsize} bytes of data) but the file holds {len(buf) - header}"
+            f"{path}: IDX header says {dims} ({count * dtype.itemsize} bytes of data) "
+            f"but the file holds {len(buf) - header}"
         )
     return np.frombuffer(buf, dtype=dtype, count=count, offset=header).reshape(dims)
 

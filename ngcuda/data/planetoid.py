@@ -127,7 +127,8 @@ def load_planetoid(
         if name not in SHIPPED:
             raise FileNotFoundError(
                 f"Planetoid {name!r} is not shipped with ngcuda (only {', '.join(SHIPPED)} are): "
-                f"pass root= (command line: --data-root DIR) with a folder holding ind.{name}.{{x,tx,allx,y,ty,ally,graph,test.index}}"
+                "pass root= (command line: --data-root DIR) with a folder holding "
+                f"ind.{name}.{{x,tx,allx,y,ty,ally,graph,test.index}}"
             )
         folder = FILES / "planetoid"
     else:
@@ -145,9 +146,11 @@ def load_planetoid(
     y, ty, ally = (_as_array(objs[k], folder / f"ind.{name}.{k}") for k in ("y", "ty", "ally"))
     graph = objs["graph"]
     if not isinstance(graph, dict):
-        raise ValueError(f"{folder / f'ind.{name}.graph'}: expected a dict of neighbour lists, got {type(graph).__name__}")
+        raise ValueError(f"{paths['graph']}: expected a dict of neighbour lists, got {type(graph).__name__}")
     if tx.shape[0] != ty.shape[0] or tx.shape[0] > test_index.size:
-        raise ValueError(f"Planetoid {name!r}: tx has {tx.shape[0]} rows, ty {ty.shape[0]}, test.index {test_index.size}")
+        raise ValueError(
+            f"Planetoid {name!r}: tx has {tx.shape[0]} rows, ty {ty.shape[0]}, test.index {test_index.size}"
+        )
 
     sorted_test = np.sort(test_index)
     lo, hi = int(sorted_test[0]), int(sorted_test[-1])

@@ -85,7 +85,8 @@ def evaluate(model: nn.Module, graph: Graph, x: torch.Tensor) -> dict[str, float
     for split in ("train", "val", "test"):
         mask = getattr(graph, f"{split}_mask")
         out[f"{split}_acc"] = float((pred[mask] == graph.y[mask]).float().mean()) if mask.any() else float("nan")
-    out["val_loss"] = float(F.cross_entropy(logits[graph.val_mask], graph.y[graph.val_mask])) if graph.val_mask.any() else float("nan")
+    val = graph.val_mask
+    out["val_loss"] = float(F.cross_entropy(logits[val], graph.y[val])) if val.any() else float("nan")
     return out
 
 
