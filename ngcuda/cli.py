@@ -1,0 +1,343 @@
+"""Command line: `ngcuda train` (GNN node classification) and `ngcuda train-ae` (MNIST autoencoder).
+
+Both train the same model with several optimizers side by side over one or more seeds, write
+metrics.json, metrics.csv and curves.png into --out, and print a results table. Examples:
+
+    ngcuda train                                   # GCN on Cora, K-FAC vs Adam
+    ngcuda train --dataset citeseer --optimizers kfac-adam,adam --seeds 10
+    ngcuda train --dataset coauthor-cs --data-root shared/data/npz --model deep-gcn --layers 8
+    ngcuda train-ae --optimizers kfac,adam,sgd --epochs 20
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import GRAPH_DATASETS, NPZ_DATASETS, load_graph, load_mnist
+from .models import GNN_MODELS
+
+DEFAULT_DEEP_LAYERS = 8
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'3' -> [0, 1, 2] (a count); '0,5,7' -> [0, 5, 7] (a list)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a comma list (0,5,7), got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("--seeds is empty")
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise argparse.ArgumentTypeError(f"--seeds count must be at least 1, got {values[0]}")
+        return list(range(values[0]))
+    if any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"--seeds list must hold distinct non-negative integers, got {text!r}")
+    return values
+
+
+def _optimizers(text: str) -> list[str]:
+    from .train.optimizers import parse_optimizers
+
+    try:
+        return parse_optimizers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
+    p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                   help="folder with the dataset files (default: the data shipped with ngcuda)")
+    p.add_argument("--optimizers", type=_optimizers, default=None, metavar="LIST",
+                   help="comma list of adam, sgd, kfac, kfac-adam, kfac-sgd "
+                   "(default: train kfac,adam; train-ae kfac,adam,sgd)")
+    p.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
+                   help="number of seeds (3 means 0,1,2) or a comma list of seeds (default 1: seed 0)")
+    p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available (default)")
+    g = p.add_argument_group("optimizer hyperparameters (K-FAC options default to ngcuda.KFAC's own)")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate for every optimizer (default: per optimizer, see ngcuda.train.optimizers)")
+    g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD and K-FAC momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
+                   help="L2 coefficient (default: train 5e-4, train-ae 0)")
+    g.add_argument("--damping", type=_positive_float, default=None, help="K-FAC Tikhonov damping")
+    g.add_argument("--factor-decay", type=_unit_float, default=None, help="K-FAC factor moving-average decay")
+    g.add_argument("--inverse-every", type=_positive_int, default=None,
+                   help="K-FAC: steps between eigendecompositions")
+    g.add_argument("--kl-clip", type=_positive_float, default=None, help="K-FAC KL clipping bound")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default runs/<timestamp>/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ngcuda", description="K-FAC natural-gradient training of graph neural networks and MLPs."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="node classification with a GNN, optimizers side by side",
+                       description="Train a GNN for node classification with several optimizers side by side.")
+    t.add_argument("--dataset", choices=GRAPH_DATASETS, default="cora", help="default cora")
+    t.add_argument("--split", choices=("public", "full", "random"), default=None,
+                   help="Planetoid: public (default), full or random; npz graphs: random (20/30 per class)")
+    t.add_argument("--model", choices=GNN_MODELS, default="gcn", help="default gcn")
+    t.add_argument("--layers", type=_positive_int, default=None,
+                   help=f"deep-gcn: number of GCN layers (default {DEFAULT_DEEP_LAYERS})")
+    t.add_argument("--skip", action="store_true", help="deep-gcn: residual connections")
+    t.add_argument("--hidden", type=_positive_int, default=16, help="hidden width (default 16)")
+    t.add_argument("--dropout", type=_unit_float, default=0.5, help="default 0.5")
+    t.add_argument("--pseudo-label-gamma", type=_nonneg_float, default=None, metavar="GAMMA",
+                   help="add (t/T)^GAMMA x cross-entropy of unlabelled nodes against their argmax prediction")
+    t.add_argument("--no-normalize-features", dest="normalize_features", action="store_false",
+                   help="keep raw features (default: row-normalise, as GCN does)")
+    _common(t, default_epochs=200)
+    t.set_defaults(_handler=cmd_train, _parser=t)
+
+    a = sub.add_parser("train-ae", help="MNIST deep autoencoder, optimizers side by side",
+                       description="Train the 784-1000-500-250-30 MNIST autoencoder with several optimizers. "
+                       "Without --data-root the shipped 10k MNIST test images are used: 8000 train, 2000 test.")
+    a.add_argument("--batch-size", type=_positive_int, default=1000, help="default 1000")
+    a.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
+                   help="use only the first N training images (quick runs)")
+    _common(a, default_epochs=10)
+    a.set_defaults(_handler=cmd_train_ae, _parser=a)
+    return parser
+
+
+def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _out_dir(out: Path | None) -> Path:
+    if out is not None:
+        return out
+    base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def _check_optimizers(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    from .train.optimizers import kfac_available
+
+    wanted = [n for n in names if n.startswith("kfac")]
+    if wanted and not kfac_available():
+        parser.error(
+            f"--optimizers {','.join(wanted)}: this build of ngcuda has no ngcuda.KFAC yet; use --optimizers adam,sgd"
+        )
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=quiet, unit="epoch", dynamic_ncols=True, leave=False)
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .train import NodeConfig, OptimizerConfig, summarise_node_runs, train_node_classifier, write_metrics
+    from .train.metrics import node_table
+    from .train.plot import plot_runs
+
+    if args.model != "deep-gcn" and args.layers is not None:
+        parser.error(f"--layers applies to --model deep-gcn only (got --model {args.model})")
+    if args.model != "deep-gcn" and args.skip:
+        parser.error(f"--skip applies to --model deep-gcn only (got --model {args.model})")
+    if args.dataset in NPZ_DATASETS and args.split not in (None, "random"):
+        parser.error(f"--split {args.split}: {args.dataset} has only the random split (20/30 per class)")
+    optimizers = args.optimizers or ["kfac", "adam"]
+    seeds = args.seeds or [0]
+    _check_optimizers(parser, optimizers)
+    device = _device(parser, args.device)
+    layers = args.layers or (DEFAULT_DEEP_LAYERS if args.model == "deep-gcn" else 2)
+    if args.model == "deep-gcn" and layers < 2:
+        parser.error(f"--layers must be at least 2, got {layers}")
+    cfg = NodeConfig(
+        model=args.model, hidden=args.hidden, dropout=args.dropout, layers=layers, skip=args.skip,
+        epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
+    )
+    opt_cfg = OptimizerConfig(
+        lr=args.lr, momentum=args.momentum, weight_decay=5e-4 if args.weight_decay is None else args.weight_decay,
+        damping=args.damping, factor_decay=args.factor_decay, inverse_every=args.inverse_every,
+        kl_clip=args.kl_clip, task="gnn",
+    )
+    split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
+    try:
+        if split == "random":  # one split per seed
+            graphs = {s: load_graph(args.dataset, args.data_root, split, seed=s) for s in seeds}
+        else:
+            g = load_graph(args.dataset, args.data_root, split)
+            graphs = {s: g for s in seeds}
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ngcuda train: error: {e}", file=sys.stderr)
+        return 1
+    g0 = graphs[seeds[0]]
+    if not args.quiet:
+        print(
+            f"{args.dataset}: {g0.num_nodes} nodes, {g0.num_edges} directed edges, {g0.num_features} features, "
+            f"{g0.num_classes} classes; split {split} {int(g0.train_mask.sum())}/{int(g0.val_mask.sum())}/"
+            f"{int(g0.test_mask.sum())}; model {args.model}; device {device}",
+            flush=True,
+        )
+    runs = []
+    bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
+    try:
+        for seed in seeds:
+            for name in optimizers:
+                bar.set_description(f"{name} seed {seed}")
+
+                def tick(row: dict) -> None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}", refresh=False)
+
+                runs.append(train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick))
+    finally:
+        bar.close()
+    summary = summarise_node_runs(runs)
+    out = _out_dir(args.out)
+    payload = {
+        "command": "train",
+        "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "split": split, "layers": layers},
+        "device": str(device),
+        "dataset": {
+            "name": g0.name, "nodes": g0.num_nodes, "edges": g0.num_edges, "features": g0.num_features,
+            "classes": g0.num_classes, "train": int(g0.train_mask.sum()), "val": int(g0.val_mask.sum()),
+            "test": int(g0.test_mask.sum()),
+        },
+        "selection": "test accuracy at the epoch of best validation accuracy (ties: lower validation loss)",
+        "summary": summary,
+        "runs": runs,
+    }
+    json_path, csv_path = write_metrics(out, payload)
+    png = plot_runs(
+        runs, out / "curves.png",
+        [("val_acc", "validation accuracy", False), ("train_loss", "training loss", True)],
+        f"{args.model} on {args.dataset} ({split} split), mean over {len(seeds)} seed(s)",
+    )
+    print(node_table(summary))
+    print(f"wrote {json_path}, {csv_path}, {png}")
+    return 0
+
+
+def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .train import AEConfig, OptimizerConfig, summarise_ae_runs, train_autoencoder, write_metrics
+    from .train.metrics import ae_table
+    from .train.plot import plot_runs
+
+    optimizers = args.optimizers or ["kfac", "adam", "sgd"]
+    seeds = args.seeds or [0]
+    _check_optimizers(parser, optimizers)
+    device = _device(parser, args.device)
+    try:
+        x_train, _ = load_mnist(args.data_root, train=True)
+        x_test, _ = load_mnist(args.data_root, train=False)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ngcuda train-ae: error: {e}", file=sys.stderr)
+        return 1
+    if args.train_size is not None:
+        x_train = x_train[: args.train_size]
+    cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size)
+    opt_cfg = OptimizerConfig(
+        lr=args.lr, momentum=args.momentum, weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
+        damping=args.damping, factor_decay=args.factor_decay, inverse_every=args.inverse_every,
+        kl_clip=args.kl_clip, task="ae",
+    )
+    source = "shipped 10k test set (8000/2000)" if args.data_root is None else str(args.data_root)
+    if not args.quiet:
+        print(f"MNIST from {source}: {x_train.shape[0]} train, {x_test.shape[0]} test images; batch {cfg.batch_size}; "
+              f"device {device}", flush=True)
+    runs = []
+    bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
+    try:
+        for seed in seeds:
+            for name in optimizers:
+                bar.set_description(f"{name} seed {seed}")
+
+                def tick(row: dict) -> None:
+                    bar.update(1)
+                    bar.set_postfix(ce=f"{row['train_bce']:.1f}", se=f"{row['train_sq_err']:.2f}", refresh=False)
+
+                runs.append(train_autoencoder(x_train, x_test, name, seed, cfg, opt_cfg, device, tick))
+    finally:
+        bar.close()
+    summary = summarise_ae_runs(runs)
+    out = _out_dir(args.out)
+    payload = {
+        "command": "train-ae",
+        "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "data": source},
+        "device": str(device),
+        "summary": summary,
+        "runs": runs,
+    }
+    json_path, csv_path = write_metrics(out, payload)
+    png = plot_runs(
+        runs, out / "curves.png",
+        [("train_bce", "train cross-entropy / image", True), ("train_sq_err", "train squared error / image", True)],
+        f"MNIST autoencoder, mean over {len(seeds)} seed(s)",
+    )
+    print(ae_table(summary))
+    print(f"wrote {json_path}, {csv_path}, {png}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ngcuda` command. Returns the exit status (argparse errors exit with 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args._handler(args._parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

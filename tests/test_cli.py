@@ -1,0 +1,238 @@
+"""Command line: argument errors (exit 2), end-to-end runs writing metrics.json/csv/png, reproducibility."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torch_geometric")
+
+import ngcuda  # noqa: E402
+from ngcuda.cli import main, parse_seeds  # noqa: E402
+from ngcuda.train.optimizers import kfac_available  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny full-batch steps: OpenMP threads only add spin-wait overhead, badly so on a shared 2-core CI box.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "required"),
+        (["train", "--dataset", "reddit"], "invalid choice: 'reddit'"),
+        (["train", "--optimizers", "adam,lbfgs"], "unknown optimizer 'lbfgs'"),
+        (["train", "--optimizers", "adam,adam"], "listed twice"),
+        (["train", "--seeds", "0"], "at least 1"),
+        (["train", "--seeds", "a,b"], "--seeds takes a count"),
+        (["train", "--epochs", "0"], "positive integer"),
+        (["train", "--lr", "-1"], "finite number >= 0"),
+        (["train", "--factor-decay", "1.5"], r"\[0, 1\]"),
+        (["train", "--model", "gcn", "--layers", "4"], "--layers applies to --model deep-gcn"),
+        (["train", "--skip"], "--skip applies to --model deep-gcn"),
+        (["train", "--dataset", "amazon-photo", "--split", "public"], "only the random split"),
+        (["train", "--model", "deep-gcn", "--layers", "1", "--optimizers", "adam"], "at least 2"),
+        (["train-ae", "--batch-size", "x"], "positive integer"),
+    ],
+)
+def test_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.skipif(kfac_available(), reason="ngcuda.KFAC exists")
+def test_kfac_missing_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epochs", "1"])  # the default optimizers include kfac
+    assert e.value.code == 2
+    assert "no ngcuda.KFAC" in capsys.readouterr().err
+
+
+def test_parse_seeds():
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("4,1") == [4, 1]
+    assert parse_seeds("7,") == [7]
+
+
+def test_missing_data_is_reported(tmp_path, capsys):
+    rc = main(["train", "--dataset", "pubmed", "--optimizers", "adam", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 1
+    assert "--data-root" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--optimizers", "adam,sgd", "--seeds", "2", "--epochs", "15", "--device", "cpu",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test acc" in printed and "adam" in printed and "sgd" in printed
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["dataset"]["nodes"] == 2708 and payload["config"]["seeds"] == [0, 1]
+    assert [(r["optimizer"], r["seed"]) for r in payload["runs"]] == [("adam", 0), ("sgd", 0), ("adam", 1), ("sgd", 1)]
+    for run in payload["runs"]:
+        hist = run["history"]
+        assert [h["epoch"] for h in hist] == list(range(1, 16))
+        assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+        assert all(b["seconds"] > a["seconds"] for a, b in zip(hist, hist[1:]))
+    adam = payload["summary"]["adam"]
+    assert adam["seeds"] == 2 and adam["test_acc_mean"] > 0.5  # Cora GCN+Adam passes 50% within 15 epochs
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 4 * 15
+    assert set(rows[0]) >= {"optimizer", "seed", "epoch", "train_loss", "val_acc", "test_acc", "seconds"}
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_is_reproducible(tmp_path):
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"r{k}"
+        assert main(["train", "--optimizers", "adam", "--seeds", "3", "--epochs", "3", "--device", "cpu",
+                     "--model", "deep-gcn", "--layers", "3", "--skip", "--pseudo-label-gamma", "1",
+                     "--split", "random", "--out", str(out), "--quiet"]) == 0
+        payload = json.loads((out / "metrics.json").read_text())
+        runs.append([[(h["train_loss"], h["val_acc"]) for h in r["history"]] for r in payload["runs"]])
+    assert runs[0] == runs[1]
+    assert runs[0][0] != runs[0][1]  # different seeds differ
+
+
+def test_train_ae_end_to_end(tmp_path, capsys):
+    out = tmp_path / "ae"
+    assert main(["train-ae", "--optimizers", "adam", "--epochs", "3", "--train-size", "500",
+                 "--batch-size", "100", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    assert "train CE/image" in capsys.readouterr().out
+    payload = json.loads((out / "metrics.json").read_text())
+    hist = payload["runs"][0]["history"]
+    assert hist[-1]["train_bce"] < hist[0]["train_bce"] and hist[-1]["train_sq_err"] < hist[0]["train_sq_err"]
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 3
+    assert (out / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
+@pytest.mark.parametrize("opt", ["kfac", "kfac-adam", "kfac-sgd"])
+def test_train_with_kfac(tmp_path, opt):
+    out = tmp_path / opt
+    assert main(["train", "--optimizers", opt, "--epochs", "10", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    hist = json.loads((out / "metrics.json").read_text())["runs"][0]["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+def test_python_m_ngcuda_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "ngcuda", "train", "--epochs", "-3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--epochs" in proc.stderr
+
+
+# ---------------------------------------------------------------- the pieces behind the commands
+
+def test_node_loss_and_pseudo_labels():
+    from ngcuda.train.node import loss_row_weights, node_loss, pseudo_label_weight
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0, 2])
+    train = torch.tensor([True, True, False, False, True, False])
+    logp = torch.log_softmax(logits, 1)
+    ce_train = -(logp[[0, 1, 4], [0, 2, 0]]).mean()
+    pseudo = logits.argmax(1)
+    ce_rest = -(logp[[2, 3, 5], pseudo[[2, 3, 5]]]).mean()
+    torch.testing.assert_close(node_loss(logits, y, train), ce_train)
+    torch.testing.assert_close(node_loss(logits, y, train, 0.25), ce_train + 0.25 * ce_rest)
+    assert pseudo_label_weight(50, 200, None) == 0.0
+    assert pseudo_label_weight(50, 200, 2.0) == pytest.approx(1 / 16)
+    assert loss_row_weights(train).tolist() == [1, 1, 0, 0, 1, 0]
+    assert loss_row_weights(train, 0.5).tolist() == [1, 1, 0.5, 0.5, 1, 0.5]
+    # the pseudo-label term must not push gradients through the targets
+    lg = logits.clone().requires_grad_()
+    node_loss(lg, y, train, 1.0).backward()
+    assert torch.isfinite(lg.grad).all()
+
+
+def test_prepare_features_sparse_matches_dense():
+    from ngcuda.data import Graph
+    from ngcuda.train.node import NodeConfig, prepare_features
+
+    x = torch.tensor([[1.0, 0, 3], [0, 0, 0], [2, 2, 0]])
+    g = Graph(x=x, edge_index=torch.empty(2, 0, dtype=torch.long), y=torch.zeros(3, dtype=torch.long),
+              train_mask=torch.ones(3, dtype=torch.bool), val_mask=torch.zeros(3, dtype=torch.bool),
+              test_mask=torch.zeros(3, dtype=torch.bool), num_classes=1, name="t")
+    dense = prepare_features(g, NodeConfig())
+    torch.testing.assert_close(dense, torch.tensor([[0.25, 0, 0.75], [0, 0, 0], [0.5, 0.5, 0]]))
+    g.x = x.to_sparse_csr()
+    torch.testing.assert_close(prepare_features(g, NodeConfig()).to_dense(), dense)
+    assert prepare_features(g, NodeConfig(model="sage")).layout == torch.strided
+    assert prepare_features(g, NodeConfig(), dense=True).layout == torch.strided
+    assert prepare_features(g, NodeConfig(model="deep-gcn")).layout == torch.sparse_csr
+    torch.testing.assert_close(prepare_features(g, NodeConfig(normalize_features=False)).to_dense(), x)
+
+
+def test_best_epoch_and_summary():
+    from ngcuda.train.metrics import best_epoch, mean_std, summarise_node_runs
+
+    hist = [
+        {"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "test_acc": 0.4, "train_loss": 2.0, "seconds": 1.0},
+        {"epoch": 2, "val_acc": 0.7, "val_loss": 0.9, "test_acc": 0.6, "train_loss": 1.0, "seconds": 2.0},
+        {"epoch": 3, "val_acc": 0.7, "val_loss": 0.8, "test_acc": 0.65, "train_loss": 0.5, "seconds": 3.0},
+        {"epoch": 4, "val_acc": 0.6, "val_loss": 0.7, "test_acc": 0.9, "train_loss": 0.4, "seconds": 4.0},
+    ]
+    assert best_epoch(hist)["epoch"] == 3  # tie on val_acc: lower val_loss wins
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([1.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(2 ** 0.5)
+    runs = [{"optimizer": "a", "seed": 0, "history": hist}, {"optimizer": "a", "seed": 1, "history": hist[:2]}]
+    summ = summarise_node_runs(runs)["a"]
+    assert summ["test_acc_mean"] == pytest.approx((0.65 + 0.6) / 2)
+    assert summ["seconds_per_epoch"] == pytest.approx(1.0)
+
+
+def test_ae_losses():
+    from ngcuda.train.autoencoder import ae_loss, reconstruction_errors
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 784, generator=gen, dtype=torch.float64)
+    z = torch.randn(5, 784, generator=gen, dtype=torch.float64)
+    p = torch.sigmoid(z)
+    ref = -(x * torch.log(p) + (1 - x) * torch.log(1 - p)).sum() / 5
+    torch.testing.assert_close(ae_loss(z, x), ref)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, inp):
+            return z[: inp.shape[0]]
+
+    ce, se = reconstruction_errors(Fixed(), x, batch_size=5)
+    assert ce == pytest.approx(float(ref)) and se == pytest.approx(float((p - x).square().sum() / 5))
+
+
+def test_make_optimizer():
+    from ngcuda.train.optimizers import OptimizerConfig, make_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    adam = make_optimizer("adam", model, OptimizerConfig(weight_decay=1e-3))
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 0.01
+    assert adam.defaults["weight_decay"] == 1e-3
+    sgd = make_optimizer("sgd", model, OptimizerConfig(lr=0.3, task="ae"))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 0.3 and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("lbfgs", model, OptimizerConfig())
+    if not kfac_available():
+        with pytest.raises(RuntimeError, match="ngcuda.KFAC"):
+            make_optimizer("kfac", model, OptimizerConfig())
+    else:
+        assert isinstance(make_optimizer("kfac-adam", model, OptimizerConfig()), ngcuda.KFAC)
