@@ -31,13 +31,8 @@ from torch_geometric.nn import GCNConv  # noqa: E402
 
 
 def load_cora():
-    try:
-        from ngcuda.data import load_planetoid
-    except ImportError:  # until ngcuda.data lands: the test suite's private loader
-        sys.path.insert(0, str(ROOT / "tests"))
-        from test_kfac_cora import _private_cora
+    from ngcuda.data import load_planetoid
 
-        return _private_cora()
     return load_planetoid("cora")
 
 

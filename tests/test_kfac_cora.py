@@ -1,83 +1,25 @@
 """ngcuda.KFAC trains a 2-layer GCN on Cora (public split) to >= 80% test accuracy on the CPU.
 
-Cora comes from ``ngcuda.data.load_planetoid`` when that module exists; until then a small
-private loader below reads the raw Planetoid files from /work/shared/data/planetoid with a
-restricted unpickler (TODO: drop it once ngcuda.data lands).
+Cora is the copy that ships with the package (``ngcuda.data.load_planetoid``).
 """
 from __future__ import annotations
 
-import pickle
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import ngcuda
+from ngcuda.data import load_planetoid
 
 pyg = pytest.importorskip("torch_geometric")
 from torch_geometric.nn import GCNConv  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:ngcuda. no compiled:RuntimeWarning")
 
-_PLANETOID = Path("/work/shared/data/planetoid")
-
-
-class _Unpickler(pickle.Unpickler):
-    """Only the classes the Planetoid pickles use: numpy arrays, scipy CSR, defaultdict."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-        ("scipy.sparse.csr", "csr_matrix"), ("scipy.sparse._csr", "csr_matrix"),
-        ("collections", "defaultdict"), ("builtins", "list"), ("__builtin__", "list"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _read(path: Path):
-    with open(path, "rb") as f:
-        return _Unpickler(f, encoding="latin1").load()
-
-
-def _private_cora() -> SimpleNamespace:
-    names = ["x", "y", "tx", "ty", "allx", "ally", "graph"]
-    objs = {n: _read(_PLANETOID / f"ind.cora.{n}") for n in names}
-    test_idx = [int(s) for s in (_PLANETOID / "ind.cora.test.index").read_text().split()]
-    order = np.sort(test_idx)
-    feats = np.vstack([objs["allx"].toarray(), objs["tx"].toarray()])
-    labels = np.vstack([objs["ally"], objs["ty"]])
-    feats[test_idx], labels[test_idx] = feats[order], labels[order]
-    n = feats.shape[0]
-    src, dst = [], []
-    for i, nbrs in objs["graph"].items():
-        for j in nbrs:
-            if i != j:
-                src += [i, j]
-                dst += [j, i]
-    ei = torch.unique(torch.tensor([src, dst]), dim=1)
-    mask = lambda idx: torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.tensor(idx), True)
-    return SimpleNamespace(
-        x=torch.from_numpy(feats).float(), edge_index=ei,
-        y=torch.from_numpy(labels.argmax(1)).long(), train_mask=mask(range(140)),
-        val_mask=mask(range(140, 640)), test_mask=mask(order.tolist()), num_classes=7)
-
-
 def load_cora():
-    try:
-        from ngcuda.data import load_planetoid
-    except ImportError:
-        if not (_PLANETOID / "ind.cora.graph").exists():
-            pytest.skip("Cora files absent")
-        return _private_cora()
     return load_planetoid("cora")
 
 
