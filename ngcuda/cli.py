@@ -104,6 +104,8 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
                    help="L2 coefficient (default: train 5e-4, train-ae 0)")
     g.add_argument("--damping", type=_positive_float, default=None, help="K-FAC Tikhonov damping")
     g.add_argument("--factor-decay", type=_unit_float, default=None, help="K-FAC factor moving-average decay")
+    g.add_argument("--factor-every", type=_positive_int, default=None,
+                   help="update the Kronecker factors every N steps (KFAC default 1)")
     g.add_argument("--inverse-every", type=_positive_int, default=None,
                    help="K-FAC: steps between eigendecompositions")
     g.add_argument("--kl-clip", type=_positive_float, default=None, help="K-FAC KL clipping bound")
@@ -210,7 +212,8 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     opt_cfg = OptimizerConfig(
         lr=args.lr, momentum=args.momentum, weight_decay=5e-4 if args.weight_decay is None else args.weight_decay,
-        damping=args.damping, factor_decay=args.factor_decay, inverse_every=args.inverse_every,
+        damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
+        inverse_every=args.inverse_every,
         kl_clip=args.kl_clip, task="gnn",
     )
     split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
@@ -291,7 +294,8 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size)
     opt_cfg = OptimizerConfig(
         lr=args.lr, momentum=args.momentum, weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
-        damping=args.damping, factor_decay=args.factor_decay, inverse_every=args.inverse_every,
+        damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
+        inverse_every=args.inverse_every,
         kl_clip=args.kl_clip, task="ae",
     )
     source = "shipped 10k test set (8000/2000)" if args.data_root is None else str(args.data_root)

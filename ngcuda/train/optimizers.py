@@ -29,6 +29,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     damping: float | None = None
     factor_decay: float | None = None
+    factor_every: int | None = None
     inverse_every: int | None = None
     kl_clip: float | None = None
     task: str = "gnn"
@@ -86,6 +87,7 @@ def make_optimizer(
         for k, v in (
             ("damping", cfg.damping),
             ("factor_decay", cfg.factor_decay),
+            ("factor_every", cfg.factor_every),
             ("inverse_every", cfg.inverse_every),
             ("kl_clip", cfg.kl_clip),
         )
