@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [bench_size(n, args.batch, args.drift, dtype, repeats, warmup, args.seed)
                for n in args.sizes]
     print_table(results)
-    if args.json:
+    if args.json and args.json != "-":
         with open(args.json, "w") as f:
             json.dump({**info, "results": results}, f, indent=2)
         print(f"wrote {args.json}")

@@ -149,10 +149,11 @@ def main(argv: list[str] | None = None) -> None:
                                     "test_acc_after_run": acc}
         print(f"{name:<18}{med * 1e3:>10.2f}{(ratio or float('nan')):>8.2f}"
               f"{r['warmup_s']:>10.2f}{acc:>10.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    if args.out != "-":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
 
 
 def _sync(device: torch.device) -> None:
