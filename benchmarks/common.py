@@ -105,12 +105,15 @@ def peak_rss_in_child(code: str, timeout: float = 600.0) -> float:
     peak RSS rose while running the rest. A separate process keeps earlier peaks out of the number.
     """
     setup, _, body = code.partition("# measure")
+    # Linux resets the peak-RSS mark (VmHWM) on writing 5 to clear_refs, so the peak after the
+    # body, less the RSS before it, is what the body alone added.
     script = (
-        "import ctypes, resource, sys\n" + setup +
+        "import ctypes, re\n" + setup +
         "\nctypes.CDLL('libc.so.6').malloc_trim(0)"
-        "\n_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n" + body +
-        "\n_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print((_peak - _base) / 1024.0)\n"
+        "\nopen('/proc/self/clear_refs', 'w').write('5')"
+        "\n_kib = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+        "\n_base = _kib('VmRSS')\n" + body +
+        "\nprint((_kib('VmHWM') - _base) / 1024.0)\n"
     )
     env = dict(os.environ)
     # A fixed mmap threshold makes freed large buffers go back to the OS, so the set-up's
