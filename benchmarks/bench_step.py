@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ngcuda  # noqa: E402
-from torch_geometric.nn import GCNConv  # noqa: E402
+from ngcuda.models import GCN  # noqa: E402
 
 
 def load_cora():
@@ -36,21 +35,10 @@ def load_cora():
     return load_planetoid("cora")
 
 
-class GCN(nn.Module):
-    def __init__(self, fin: int, hidden: int, out: int, dropout: float = 0.5):
-        super().__init__()
-        self.conv1 = GCNConv(fin, hidden, cached=True)
-        self.conv2 = GCNConv(hidden, out, cached=True)
-        self.dropout = dropout
-
-    def forward(self, x, edge_index):
-        h = F.dropout(F.relu(self.conv1(x, edge_index)), self.dropout, self.training)
-        return self.conv2(h, edge_index)
-
 
 def make_variant(name: str, data, hidden: int, device: torch.device):
     torch.manual_seed(0)
-    model = GCN(data.x.shape[1], hidden, data.num_classes).to(device)
+    model = GCN(data.x.shape[1], hidden, data.num_classes, input_dropout=False).to(device)
     if name == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
         fisher = None

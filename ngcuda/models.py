@@ -44,20 +44,25 @@ def input_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class GCN(nn.Module):
-    """Kipf & Welling's 2-layer GCN: GCNConv -> ReLU -> dropout -> GCNConv.
+    """Kipf & Welling's 2-layer GCN: [input dropout ->] GCNConv -> ReLU -> dropout -> GCNConv.
 
     forward(x [N, in], edge_index [2, E]) -> logits [N, out]. x may be dense or sparse CSR.
+    ``input_dropout=False`` keeps the raw features fixed, which lets K-FAC reuse the first
+    layer's input factor instead of recomputing it every step.
     """
 
-    def __init__(self, in_channels: int, hidden: int = 16, out_channels: int = 2, dropout: float = 0.5) -> None:
+    def __init__(self, in_channels: int, hidden: int = 16, out_channels: int = 2, dropout: float = 0.5,
+                 input_dropout: bool = True) -> None:
         super().__init__()
         gnn = _pyg()
         self.dropout = dropout
+        self.input_dropout = input_dropout
         self.conv1 = gnn.GCNConv(in_channels, hidden, cached=True)
         self.conv2 = gnn.GCNConv(hidden, out_channels, cached=True)
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        x = input_dropout(x, self.dropout, self.training)
+        if self.input_dropout:
+            x = input_dropout(x, self.dropout, self.training)
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.dropout, self.training)
         return self.conv2(x, edge_index)

@@ -9,40 +9,26 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import ngcuda
+from ngcuda.models import GCN
 from ngcuda.data import load_planetoid
 
 pyg = pytest.importorskip("torch_geometric")
-from torch_geometric.nn import GCNConv  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:ngcuda. no compiled:RuntimeWarning")
+
 
 def load_cora():
     return load_planetoid("cora")
 
-
-class GCN(nn.Module):
-    """Kipf & Welling's 2-layer GCN; dropout between the layers (not on the raw features)."""
-
-    def __init__(self, fin: int, hidden: int, out: int, dropout: float = 0.5):
-        super().__init__()
-        self.conv1 = GCNConv(fin, hidden, cached=True)
-        self.conv2 = GCNConv(hidden, out, cached=True)
-        self.dropout = dropout
-
-    def forward(self, x, edge_index):
-        h = F.relu(self.conv1(x, edge_index))
-        h = F.dropout(h, self.dropout, self.training)
-        return self.conv2(h, edge_index)
 
 
 def train_cora(data, epochs: int = 100, fisher_rows: str = "train", hidden: int = 16,
                adam: dict | None = None, seed: int = 0, **kw):
     torch.manual_seed(seed)
     x = data.x / data.x.sum(1, keepdim=True).clamp(min=1)  # row-normalised features
-    model = GCN(x.shape[1], hidden, data.num_classes)
+    model = GCN(x.shape[1], hidden, data.num_classes, input_dropout=False)
     if adam is not None:
         kw["base_optimizer"] = torch.optim.Adam(model.parameters(), **adam)
     opt = ngcuda.KFAC(model, **kw)
