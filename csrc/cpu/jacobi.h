@@ -56,11 +56,11 @@ NGCUDA_ALWAYS_INLINE void rotate_rows(T* NGCUDA_RESTRICT x, T* NGCUDA_RESTRICT y
   }
 }
 
-// One cyclic-by-rows sweep. Rotations with |b_pq| ≤ skip are left out: once every off-diagonal
-// entry is below tol·‖A‖_F / n the off-diagonal norm is below tol·‖A‖_F, so skipping never
-// stalls convergence. Returns the number of rotations applied.
-template <typename T>
-NGCUDA_ALWAYS_INLINE int64_t sweep(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRICT vt, int64_t n, T skip) {
+// One cyclic-by-rows sweep over the pairs for which rotate(b_pq, b_pp, b_qq) holds. Returns the
+// number of rotations applied.
+template <typename T, typename Pred>
+NGCUDA_ALWAYS_INLINE int64_t sweep_where(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRICT vt, int64_t n,
+                                         Pred rotate) {
   // Beyond this |θ|, θ² + 1 would overflow; t = 1/(2θ) is then exact to working precision.
   const T big_theta = sizeof(T) == 4 ? T(1e15) : T(1e150);
   int64_t applied = 0;
@@ -68,9 +68,9 @@ NGCUDA_ALWAYS_INLINE int64_t sweep(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRICT vt, 
     T* bp = b + p * n;
     for (int64_t q = p + 1; q < n; ++q) {
       const T apq = bp[q];
-      if (!(std::abs(apq) > skip)) continue;
       T* bq = b + q * n;
       const T app = bp[p], aqq = bq[q];
+      if (!rotate(apq, app, aqq)) continue;
       // Rutishauser: t = tan φ is the smaller root of t² + 2θt − 1 = 0, so |φ| ≤ π/4.
       const T theta = (aqq - app) / (T(2) * apq);
       const T abs_theta = std::abs(theta);
@@ -94,6 +94,14 @@ NGCUDA_ALWAYS_INLINE int64_t sweep(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRICT vt, 
     }
   }
   return applied;
+}
+
+// One cyclic-by-rows sweep. Rotations with |b_pq| ≤ skip are left out: once every off-diagonal
+// entry is below tol·‖A‖_F / n the off-diagonal norm is below tol·‖A‖_F, so skipping never
+// stalls convergence. Returns the number of rotations applied.
+template <typename T>
+NGCUDA_ALWAYS_INLINE int64_t sweep(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRICT vt, int64_t n, T skip) {
+  return sweep_where(b, vt, n, [skip](T apq, T, T) { return std::abs(apq) > skip; });
 }
 
 // Sweeps until ‖offdiag(b)‖_F² ≤ stop_sq or max_sweeps sweeps were run. The test runs before

@@ -1,0 +1,668 @@
+// Iterative refinement of a warm start; see warm_refine.h for the method.
+//
+// Cost model (what the layout below is for): the products are O(n³) and run near the core's peak
+// in small_gemm; everything else is O(n²) but runs several times per step, so those passes are
+// written to vectorise (AVX-512/AVX2 clones picked at load time) and avoid float64 conversions in
+// the float32 phase.
+#include "warm_refine.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+#include "jacobi.h"
+#include "small_gemm.h"
+#include <cstdlib>
+#include <cstdio>
+
+// Plain loops get AVX-512 / AVX2 clones picked at load time: setup.py compiles for baseline x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NGCUDA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NGCUDA_CLONES
+#endif
+
+namespace ngcuda::cpu::refine {
+namespace {
+
+// Tuning, measured on the benchmark workload (K-FAC-like spectra spanning three decades, drift
+// 1e-6 to 1e-1; benchmarks/bench_eigh.py):
+//
+// A pair joins a cluster when its first-order angle |S_ij + λ_j R_ij| / |λ_j − λ_i| exceeds
+// kClusterAngle. Smaller values solve more of the crowded low spectrum exactly in the first step
+// (fewer steps afterwards); larger ones leave more to the cheap first-order step.
+static double kClusterAngle = std::getenv("T_CA") ? std::atof(std::getenv("T_CA")) : 0.03;
+// After the clusters are rotated, pairs whose angle is at most kFirstOrderAngle take the
+// first-order step; the rest (rare: a cluster's new eigenvalue landing next to an outsider) wait
+// for the next step.
+constexpr double kFirstOrderAngle = 0.1;
+// The float32 phase ends after a step whose rotation ‖K‖_F is below this: the float64 step that
+// follows squares what is left (at most ~‖K‖², about 3e-3 in angle) once more, below 1e-5.
+static double kLowExitRotation = std::getenv("T_EX") ? std::atof(std::getenv("T_EX")) : 0.07;
+constexpr int64_t kLowMaxSteps = 8;
+// float32 products of QᵀAQ carry noise of a few ε32·‖A‖_F; entries below this are left to the
+// float64 phase (chasing them in float32 rotates by noise).
+constexpr double kLowNoise = 2.0 * 5.9604644775390625e-8;
+// Clusters cost Σ m³ to diagonalise; beyond this fraction of n³ LAPACK on the whole matrix is
+// cheaper. Matrices up to kSmallN are exempt: there Jacobi on the whole is the cheap solve anyway.
+constexpr double kClusterBudget = 0.125;
+constexpr int64_t kSmallN = 32;
+// Sweeps of a cluster's pair rotations before the block is diagonalised by LAPACK instead.
+constexpr int64_t kClusterJacobiSweeps = 30;
+
+constexpr double kUnit32 = 5.9604644775390625e-8;   // 2^-24
+constexpr double kUnit64 = 1.1102230246251565e-16;  // 2^-53
+
+// Jacobi on a cluster's block that rotates only the pairs still too close for a first-order step
+// (|b_pq| > skip and |b_pq| > angle·|b_qq − b_pp|), until a sweep finds none. A cluster is
+// typically a chain of neighbours in a crowded part of the spectrum, with a few dozen such pairs
+// among hundreds: rotating all pairs to convergence would cost several times more, and the pairs
+// left are the first-order step's business anyway. Returns false when max_sweeps did not do.
+NGCUDA_CLONES bool hard_jacobi(double* b, double* vt, int64_t k, double skip, double angle,
+                               int64_t max_sweeps) {
+  for (int64_t s = 0; s < max_sweeps; ++s) {
+    const int64_t applied = jacobi::sweep_where(b, vt, k, [=](double apq, double app, double aqq) {
+      const double x = std::abs(apq);
+      return x > skip && x > angle * std::abs(aqq - app);
+    });
+    if (applied == 0) return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise passes over [ld, ld] buffers (ld a multiple of 16).
+
+using gemm::mirror_upper;
+using gemm::transpose;
+
+struct Measure {
+  double off_sq;  // Σ_{i≠j} S_ij²
+  double r_sq;    // ‖R‖_F²
+};
+
+// The O(n²) passes below are plain loops over whole padded rows (ld is a multiple of 16); their
+// sums are marked `omp simd reduction`, which lets GCC reassociate them and so vectorise the loop
+// (a plain floating-point sum may not be reordered, and a loop containing one stays scalar).
+// setup.py compiles with -fopenmp; without it the pragmas are ignored and the loops run scalar.
+
+// Turns the upper triangle of G = QᵀQ into R = I − G, mirrors S and R, and measures both.
+template <typename T>
+NGCUDA_CLONES Measure finish_products(T* s, T* r, int64_t n, int64_t ld) {
+  double off_sq = 0.0, r_sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    T* si = s + i * ld;
+    T* ri = r + i * ld;
+    // The strictly upper part of the row: the rest of its 16-chunk, then whole chunks.
+    const int64_t c1 = i / 16 * 16 + 16;
+    T off = T(0), rr = T(0);
+    for (int64_t j = i + 1; j < c1; ++j) {
+      const T v = -ri[j];
+      ri[j] = v;
+      off += si[j] * si[j];
+      rr += v * v;
+    }
+#pragma omp simd reduction(+ : off, rr)
+    for (int64_t j = c1; j < ld; ++j) {
+      const T v = -ri[j];
+      ri[j] = v;
+      off += si[j] * si[j];
+      rr += v * v;
+    }
+    ri[i] = T(1) - ri[i];
+    off_sq += 2.0 * static_cast<double>(off);
+    r_sq += 2.0 * static_cast<double>(rr) + static_cast<double>(ri[i]) * static_cast<double>(ri[i]);
+  }
+  mirror_upper(s, ld);
+  mirror_upper(r, ld);
+  return {off_sq, r_sq};
+}
+
+
+// Pairs i < j whose first-order angle is too large for a first-order step (see kClusterAngle):
+// max(|S_ij + λ_j R_ij|, |S_ij + λ_i R_ij|) > max(skip, angle·|λ_j − λ_i|).
+using PairList = std::vector<std::pair<int32_t, int32_t>>;
+
+template <typename T>
+NGCUDA_CLONES void scan_hard(const T* s, const T* r, const T* lam, int64_t n, int64_t ld, T skip,
+                             T angle, PairList& out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* si = s + i * ld;
+    const T* ri = r + i * ld;
+    const T li = lam[i];
+    // A vectorised count first; the pairs are collected only in rows that have any.
+    int32_t count = 0;
+    for (int64_t j = i + 1; j < n; ++j) {
+      const T big = std::max(std::abs(si[j] + lam[j] * ri[j]), std::abs(si[j] + li * ri[j]));
+      count += (big > skip) & (big > angle * std::abs(lam[j] - li));
+    }
+    if (count == 0) continue;
+    for (int64_t j = i + 1; j < n; ++j) {
+      const T big = std::max(std::abs(si[j] + lam[j] * ri[j]), std::abs(si[j] + li * ri[j]));
+      if (big > skip && big > angle * std::abs(lam[j] - li)) {
+        out.emplace_back(static_cast<int32_t>(i), static_cast<int32_t>(j));
+      }
+    }
+  }
+}
+
+
+// E of the refinement step (rows and columns beyond n zero); returns ‖K‖_F² of its rotation part
+// K = E − R/2. Pairs above `skip` with a first-order angle up to `angle` get the first-order
+// rotation; the others only the orthonormality correction R/2 (negligible ones, and pairs the
+// cluster rotations could not separate, such as equal eigenvalues).
+template <typename T>
+NGCUDA_CLONES double build_update(const T* s, const T* r, const T* lam, T* e, int64_t n,
+                                  int64_t ld, T skip, T angle) {
+  // lam[n:ld] is zero and the padding of S and R too, so padded entries come out as E = 0.
+  double rot_sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* si = s + i * ld;
+    const T* ri = r + i * ld;
+    T* ei = e + i * ld;
+    const T li = lam[i];
+    T rot = T(0);
+#pragma omp simd reduction(+ : rot)
+    for (int64_t j = 0; j < ld; ++j) {
+      const T nij = si[j] + lam[j] * ri[j];
+      const T big = std::max(std::abs(nij), std::abs(si[j] + li * ri[j]));
+      const T gap = lam[j] - li;
+      const bool first = (big > skip) & (big <= angle * std::abs(gap));
+      const T half = T(0.5) * ri[j];
+      const T k = first ? nij / gap - half : T(0);
+      ei[j] = half + k;
+      rot += k * k;
+    }
+    rot_sq += static_cast<double>(rot);
+  }
+  std::fill(e + n * ld, e + ld * ld, T(0));
+  return rot_sq;
+}
+
+
+// k ← E − R/2 (the rotation part, zero diagonal), converted to the product's precision.
+template <typename T, typename U>
+NGCUDA_CLONES void rotation_part(const T* e, const T* r, U* k, int64_t n, int64_t ld) {
+  for (int64_t i = 0; i < ld * ld; ++i) k[i] = static_cast<U>(e[i] - T(0.5) * r[i]);
+  for (int64_t i = 0; i < n; ++i) k[i * ld + i] = U(0);
+}
+
+// e ← e − m/2 for the symmetric m (full after mirroring).
+template <typename T, typename U>
+NGCUDA_CLONES void subtract_half(T* e, const U* m, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) e[i] -= T(0.5) * static_cast<T>(m[i]);
+}
+
+template <typename T, typename U>
+NGCUDA_CLONES void convert(const T* src, U* dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<U>(src[i]);
+}
+
+NGCUDA_CLONES void add_to(double* dst, const float* src, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] += static_cast<double>(src[i]);
+}
+
+// Rayleigh quotients λ_j = q_jᵀw_j / q_jᵀq_j of the columns of Q (W = AQ) and the squared
+// residual ‖W − QΛ‖_F². `num` and `den` are scratch of ld entries.
+NGCUDA_CLONES double rayleigh(const double* q, const double* w, int64_t n, int64_t ld,
+                              double* lam, double* num, double* den) {
+  std::fill(num, num + ld, 0.0);
+  std::fill(den, den + ld, 0.0);
+  for (int64_t r = 0; r < n; ++r) {
+    const double* qr = q + r * ld;
+    const double* wr = w + r * ld;
+    for (int64_t j = 0; j < ld; ++j) {
+      num[j] += qr[j] * wr[j];
+      den[j] += qr[j] * qr[j];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) lam[j] = num[j] / den[j];
+  for (int64_t j = n; j < ld; ++j) lam[j] = 0.0;
+  double res_sq = 0.0;
+  for (int64_t r = 0; r < n; ++r) {
+    const double* qr = q + r * ld;
+    const double* wr = w + r * ld;
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < ld; ++j) {
+      const double d = wr[j] - qr[j] * lam[j];
+      acc += d * d;
+    }
+    res_sq += acc;
+  }
+  return res_sq;
+}
+
+
+// Full symmetric copy of the lower triangle of `a`, scaled by 2^-ilogb(‖A‖_F) (so to a norm in
+// [1, 2)), zero padded to [ld, ld]; returns ‖A‖_F.
+template <typename In>
+NGCUDA_CLONES double load_symmetric(const In* a, double* out, double* scratch, int64_t n,
+                                    int64_t ld) {
+  double off = 0.0, diag = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const In* row = a + i * n;
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < i; ++j) acc += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+    off += acc;
+    diag += static_cast<double>(row[i]) * static_cast<double>(row[i]);
+  }
+  const double norm = std::sqrt(2.0 * off + diag);
+  const double scale = norm > 0.0 ? std::ldexp(1.0, -std::ilogb(norm)) : 1.0;
+  // The lower triangle, transposed into the upper one, then mirrored back.
+  for (int64_t i = 0; i < n; ++i) {
+    double* row = scratch + i * ld;
+    for (int64_t j = 0; j <= i; ++j) row[j] = scale * static_cast<double>(a[i * n + j]);
+    std::fill(row + i + 1, row + ld, 0.0);
+  }
+  std::fill(scratch + n * ld, scratch + ld * ld, 0.0);
+  transpose(scratch, out, ld);
+  mirror_upper(out, ld);
+  return norm;
+}
+
+template <typename In, typename T>
+void load_square(const In* q, T* out, int64_t n, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* row = out + i * ld;
+    for (int64_t j = 0; j < n; ++j) row[j] = static_cast<T>(q[i * n + j]);
+    std::fill(row + n, row + ld, T(0));
+  }
+  std::fill(out + n * ld, out + ld * ld, T(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// One refinement step.
+
+int32_t find(std::vector<int32_t>& parent, int32_t x) {
+  while (parent[x] != x) {
+    parent[x] = parent[parent[x]];
+    x = parent[x];
+  }
+  return x;
+}
+
+// Rotates each cluster's block of S until no pair in it is too close for a first-order step, and
+// S, R and the rows of Qᵀ with it. Returns false when a block could not be solved.
+template <typename T>
+bool solve_clusters(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double skip,
+                    int64_t count) {
+  double* rows = ws.rows.data();  // gathered rows [k, ld], then V·rows for S and R
+  double* rs = rows + ld * ld;
+  double* rr = rs + ld * ld;
+  for (int64_t c = 0; c < count; ++c) {
+    const int32_t* idx = ws.members.data() + ws.start[c];
+    const int64_t k = ws.start[c + 1] - ws.start[c];
+    const int64_t kp = gemm::padded(k);
+    double* b = ws.block.data();
+    double* v = ws.vecs.data();  // V [k, kp]: column a is the a-th rotated direction
+    for (int64_t p = 0; p < k; ++p) {
+      for (int64_t q = 0; q < k; ++q) b[p * k + q] = static_cast<double>(m.s[idx[p] * ld + idx[q]]);
+    }
+    double* vt = ws.vt.data();
+    std::fill(vt, vt + k * k, 0.0);
+    for (int64_t p = 0; p < k; ++p) vt[p * k + p] = 1.0;
+    std::fill(v, v + k * kp, 0.0);
+    if (hard_jacobi(b, vt, k, skip, kClusterAngle, kClusterJacobiSweeps)) {
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t p = 0; p < k; ++p) v[p * kp + a] = vt[a * k + p];
+      }
+    } else {
+      // Not settled by the pair rotations: diagonalise the block outright.
+      for (int64_t p = 0; p < k; ++p) {
+        for (int64_t q = 0; q < k; ++q) b[p * k + q] = static_cast<double>(m.s[idx[p] * ld + idx[q]]);
+      }
+      try {
+        const auto [lam, vec] =
+            at::linalg_eigh(at::from_blob(b, {k, k}, at::TensorOptions().dtype(at::kDouble)));
+        const at::Tensor lam_c = lam.contiguous(), vec_c = vec.contiguous();
+        const double* l = lam_c.data_ptr<double>();
+        const double* e = vec_c.data_ptr<double>();
+        for (int64_t p = 0; p < k; ++p) {
+          for (int64_t q = 0; q < k; ++q) {
+            b[p * k + q] = p == q ? l[p] : 0.0;
+            v[p * kp + q] = e[p * k + q];
+          }
+        }
+      } catch (const c10::Error&) {
+        return false;
+      }
+    }
+    // out[a][:] = Σ_p V[p][a]·src[idx[p]][:], a small product.
+    auto combine = [&](const T* src, double* out) {
+      for (int64_t p = 0; p < k; ++p) convert(src + idx[p] * ld, rows + p * ld, ld);
+      gemm::xty(v, kp, rows, ld, out, ld, kp, ld, k);
+    };
+    combine(m.s, rs);
+    combine(m.r, rr);
+    const int32_t id = ws.cluster[idx[0]];
+    for (int64_t a = 0; a < k; ++a) {
+      const int64_t ia = idx[a];
+      for (int64_t j = 0; j < n; ++j) {
+        if (ws.cluster[j] == id) continue;
+        const T s = static_cast<T>(rs[a * ld + j]), r = static_cast<T>(rr[a * ld + j]);
+        m.s[ia * ld + j] = s;
+        m.s[j * ld + ia] = s;
+        m.r[ia * ld + j] = r;
+        m.r[j * ld + ia] = r;
+      }
+    }
+    // The diagonal block: S becomes VᵀS_CC V (what the rotations left in b), R becomes (VᵀR)V,
+    // both kept exactly symmetric, as the step relies on.
+    double* g = rows;  // [k, kp]: g[p][a] = (VᵀR)[a][idx[p]]
+    double* rcc = rs;  // [kp, kp]
+    std::fill(g, g + k * kp, 0.0);
+    for (int64_t a = 0; a < k; ++a) {
+      for (int64_t p = 0; p < k; ++p) g[p * kp + a] = rr[a * ld + idx[p]];
+    }
+    gemm::xty(g, kp, v, kp, rcc, kp, kp, kp, k);
+    for (int64_t a = 0; a < k; ++a) {
+      for (int64_t c2 = a; c2 < k; ++c2) {
+        const T r = static_cast<T>(rcc[a * kp + c2]), s = static_cast<T>(b[a * k + c2]);
+        m.r[idx[a] * ld + idx[c2]] = r;
+        m.r[idx[c2] * ld + idx[a]] = r;
+        m.s[idx[a] * ld + idx[c2]] = s;
+        m.s[idx[c2] * ld + idx[a]] = s;
+      }
+    }
+    // Columns idx of Q, i.e. rows idx of Qᵀ, ← Q[:, idx]·V.
+    combine(m.qt, rs);
+    for (int64_t a = 0; a < k; ++a) convert(rs + a * ld, m.qt + idx[a] * ld, ld);
+  }
+  return true;
+}
+
+// Groups the hard pairs into clusters (union–find, numbered by smallest member) and solves them.
+// Returns the number of clusters, or −1 to give up on the matrix.
+template <typename T>
+int64_t cluster_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double skip) {
+  int32_t* cluster = ws.cluster.data();
+  std::fill(cluster, cluster + n, -1);
+  if (ws.hard.empty()) return 0;
+  std::vector<int32_t>& parent = ws.parent;
+  std::iota(parent.begin(), parent.begin() + n, 0);
+  for (const auto& [i, j] : ws.hard) {
+    const int32_t a = find(parent, i), b = find(parent, j);
+    if (a != b) parent[std::max(a, b)] = std::min(a, b);
+  }
+  std::vector<int32_t>& start = ws.start;
+  int32_t* size = ws.members.data();  // sizes first, members afterwards
+  std::fill(size, size + n, 0);
+  for (int64_t i = 0; i < n; ++i) ++size[find(parent, static_cast<int32_t>(i))];
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (parent[i] == i && size[i] > 1) cluster[i] = static_cast<int32_t>(count++);
+  }
+  for (int64_t i = 0; i < n; ++i) cluster[i] = cluster[parent[i]];  // roots are compressed
+  start.assign(count + 2, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (cluster[i] >= 0) ++start[cluster[i] + 2];
+  }
+  double cubes = 0.0;
+  int64_t largest = 0;
+  for (int64_t c = 0; c < count; ++c) {
+    const double k = start[c + 2];
+    cubes += k * k * k;
+    largest = std::max<int64_t>(largest, start[c + 2]);
+  }
+  if (n > kSmallN && cubes > kClusterBudget * static_cast<double>(n) * n * n) return -1;
+  // Counting sort: start[c + 1] ends as the first slot of cluster c + 1.
+  for (int64_t c = 0; c < count; ++c) start[c + 2] += start[c + 1];
+  for (int64_t i = 0; i < n; ++i) {
+    if (cluster[i] >= 0) ws.members[start[cluster[i] + 1]++] = static_cast<int32_t>(i);
+  }
+  start.pop_back();
+  const int64_t square = largest * gemm::padded(largest);
+  if (static_cast<int64_t>(ws.block.size()) < square) {
+    ws.block.resize(square);
+    ws.vt.resize(square);
+    ws.vecs.resize(square);
+  }
+  return solve_clusters(ws, m, n, ld, skip, count) ? count : -1;
+}
+
+struct Step {
+  bool give_up;
+  int64_t clusters;   // > 0: rows of Qᵀ were rotated, Q is stale
+  double rot;         // ‖K‖_F of the first-order rotation K = E − R/2
+  bool k2_cancelled;  // the −KᵀK/2 term was added
+};
+
+// One refinement step on S and R from the products: clusters (rotating S, R and the rows of Qᵀ),
+// then the update F in m.e: E, plus −KᵀK/2 when ‖K‖_F² > k2_min, that product formed in precision
+// U with the buffers k and k2. The caller applies Q ← Q(I + F).
+template <typename T, typename U>
+Step plan_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double skip, double k2_min,
+               U* k, U* k2) {
+  Step step{false, 0, 0.0, false};
+  transpose(m.q, m.qt, ld);
+  T* lam = reinterpret_cast<T*>(ws.lam_t.data());
+  for (int64_t i = 0; i < n; ++i) lam[i] = m.s[i * ld + i] / (T(1) - m.r[i * ld + i]);
+  std::fill(lam + n, lam + ld, T(0));
+  ws.hard.clear();
+  scan_hard<T>(m.s, m.r, lam, n, ld, static_cast<T>(skip), static_cast<T>(kClusterAngle), ws.hard);
+  step.clusters = cluster_step(ws, m, n, ld, skip);
+  if (step.clusters < 0) {
+    step.give_up = true;
+    return step;
+  }
+  if (step.clusters > 0) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (ws.cluster[i] >= 0) lam[i] = m.s[i * ld + i] / (T(1) - m.r[i * ld + i]);
+    }
+  }
+  const double rot_sq = build_update<T>(m.s, m.r, lam, m.e, n, ld, static_cast<T>(skip),
+                                        static_cast<T>(kFirstOrderAngle));
+  step.rot = std::sqrt(rot_sq);
+  if (std::getenv("NGCUDA_EIGH_DEBUG")) {
+    fprintf(stderr, "  step T=%d hard=%zu rot=%.2e clusters=%ld sizes:", (int)sizeof(T), ws.hard.size(), step.rot, (long)step.clusters);
+    for (int64_t c = 0; c < step.clusters; ++c) fprintf(stderr, " %d", ws.start[c + 1] - ws.start[c]);
+    fprintf(stderr, "\n");
+  }
+  if (rot_sq > k2_min) {
+    // Q(I + E) is off orthonormal by KᵀK; adding K²/2 = −KᵀK/2 cancels that to second order, so
+    // ‖QᵀQ − I‖ falls with the rotation instead of lagging a step behind.
+    rotation_part<T, U>(m.e, m.r, k, n, ld);
+    gemm::xty(k, k, k2, ld, n, ld, false, true);
+    mirror_upper(k2, ld);
+    subtract_half<T, U>(m.e, k2, ld * ld);
+    step.k2_cancelled = true;
+  }
+  return step;
+}
+
+// Q ← Qᵀᵀ(I + F), from the rows of Qᵀ (which carry any cluster rotations).
+template <typename T>
+void update_from_qt(const Mats<T>& m, int64_t n, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) m.e[i * ld + i] += T(1);
+  gemm::xty(m.qt, m.e, m.q, ld, n, ld, false, false);
+}
+
+// r ← I − QᵀQ, w ← AQ, s ← QᵀAQ (all symmetric ones mirrored).
+template <typename T>
+Measure products(const Mats<T>& m, int64_t n, int64_t ld) {
+  gemm::xty(m.q, m.q, m.r, ld, n, ld, false, true);
+  gemm::xty(m.a, m.q, m.w, ld, n, ld, false, false);  // A is symmetric: AᵀQ = AQ
+  gemm::xty(m.q, m.w, m.s, ld, n, ld, false, true);
+  return finish_products(m.s, m.r, n, ld);
+}
+
+// S and R for the W = AQ already in m.w.
+template <typename T>
+Measure products_from_w(const Mats<T>& m, int64_t n, int64_t ld) {
+  gemm::xty(m.q, m.q, m.r, ld, n, ld, false, true);
+  gemm::xty(m.q, m.w, m.s, ld, n, ld, false, true);
+  return finish_products(m.s, m.r, n, ld);
+}
+
+}  // namespace
+
+Workspace::Workspace(int64_t nmax) { reserve(nmax); }
+
+void Workspace::reserve(int64_t nmax) {
+  const int64_t ld = gemm::padded(std::max<int64_t>(nmax, 1));
+  if (ld <= ld_) return;
+  ld_ = ld;
+  const int64_t nn = ld * ld;
+  f32_.reset(new float[7 * nn]);
+  f64_.reset(new double[7 * nn]);
+  float* f = f32_.get();
+  double* d = f64_.get();
+  f32 = {f, f + nn, f + 2 * nn, f + 3 * nn, f + 4 * nn, f + 5 * nn, f + 6 * nn};
+  f64 = {d, d + nn, d + 2 * nn, d + 3 * nn, d + 4 * nn, d + 5 * nn, d + 6 * nn};
+  lam.resize(ld);
+  lam_t.resize(ld);
+  group_t.resize(ld);
+  num.resize(ld);
+  den.resize(ld);
+  cluster.resize(ld);
+  parent.resize(ld);
+  members.resize(ld);
+  eig.resize(ld);
+  rows.resize(3 * nn);
+  order.resize(ld);
+}
+
+Workspace& Workspace::local(int64_t nmax) {
+  // One per thread for the life of the thread: the warm path runs every few optimizer steps, and
+  // fresh buffers would cost a page fault per 4 KiB each time.
+  thread_local Workspace ws(0);
+  ws.reserve(nmax);
+  return ws;
+}
+
+template <typename T>
+Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const Options& options,
+             Workspace& ws) {
+  Result result{Outcome::kGaveUp, 0.0, 0, 0};
+  const int64_t ld = gemm::padded(n);
+  const int64_t nn = ld * ld;
+  const Mats<float>& lo = ws.f32;
+  const Mats<double>& hi = ws.f64;
+  // A is scaled by a power of two near 1/‖A‖_F: exact, so a float32 input stays exact in lo.a,
+  // and float32 products stay clear of overflow and denormals. Tolerances become absolute.
+  const double norm = load_symmetric(a, hi.a, hi.w, n, ld);
+  convert(hi.a, lo.a, nn);
+  load_square(prev, lo.q, n, ld);
+  const double scaled_norm = norm > 0.0 ? norm * std::ldexp(1.0, -std::ilogb(norm)) : 0.0;
+  const double unscale = norm > 0.0 ? std::ldexp(1.0, std::ilogb(norm)) : 1.0;
+
+  const double nd = static_cast<double>(n);
+  const double tol = options.tol * scaled_norm;
+  const double skip_hi = tol / nd;
+  const double skip_lo = std::max(skip_hi, kLowNoise * scaled_norm);
+  // float64 rounding of QᵀQ itself is a few n·ε64. A float32 result is rounded to float32
+  // afterwards, which alone leaves ‖QᵀQ − I‖_F ≈ ε32·√(2n/3) (3e-7 at n = 64): 1e-6 is below what
+  // that rounding costs at n ≥ 256 and lets the last correction of Q be a float32 product.
+  const double orth_tol = sizeof(T) == 4 ? 1e-6 : 128.0 * nd * kUnit64;
+  int64_t steps = 0;
+  bool checked = false;
+  auto check_prev = [&](double orth) {
+    checked = true;
+    result.prev_orth_error = orth;
+    return orth <= kMaxPrevOrthError;
+  };
+
+  // float32 phase: down to float32 noise, while it pays.
+  double last_off = std::numeric_limits<double>::infinity();
+  for (int64_t k = 0; k < kLowMaxSteps && steps < options.max_steps; ++k) {
+    const Measure ms = products(lo, n, ld);
+    if (!checked && !check_prev(std::sqrt(ms.r_sq))) {
+      result.outcome = Outcome::kNotOrthonormal;
+      return result;
+    }
+    const double off = std::sqrt(ms.off_sq);
+    if (off <= skip_lo || off > 0.5 * last_off) break;  // at float32 noise, or no longer gaining
+    last_off = off;
+    const Step st = plan_step(ws, lo, n, ld, skip_lo, 1e-6, lo.w, lo.s);
+    if (st.give_up) return result;
+    update_from_qt(lo, n, ld);
+    ++steps;
+    ++result.low_steps;
+    if (st.rot <= kLowExitRotation) break;
+  }
+
+  // float64 phase. The stop test is the residual ‖AQ − QΛ‖_F (Λ the Rayleigh quotients), which
+  // for an orthonormal Q equals ‖offdiag(QᵀAQ)‖_F, and ‖QᵀQ − I‖_F: measured from the products
+  // at first, afterwards bounded from the step (so a converged matrix costs one product, AQ).
+  if (result.low_steps > 0) {
+    convert(lo.q, hi.q, nn);
+  } else {
+    load_square(prev, hi.q, n, ld);
+  }
+  // The small products of a float32 result may be formed in float32 (their rounding is counted in
+  // the bound below); a float64 result needs them in float64.
+  const bool low_ok = sizeof(T) == 4;
+  const double unit = low_ok ? kUnit32 : kUnit64;
+  double orth_bound = std::numeric_limits<double>::infinity();
+  double last_defect = std::numeric_limits<double>::infinity();
+  double* lam = ws.lam.data();
+  gemm::xty(hi.a, hi.q, hi.w, ld, n, ld, false, false);
+  for (;;) {
+    const double res = std::sqrt(rayleigh(hi.q, hi.w, n, ld, lam, ws.num.data(), ws.den.data()));
+    if (res <= tol && orth_bound <= orth_tol) break;
+    const Measure ms = products_from_w(hi, n, ld);
+    const double orth = std::sqrt(ms.r_sq);
+    if (!checked && !check_prev(orth)) {
+      result.outcome = Outcome::kNotOrthonormal;
+      return result;
+    }
+    if (res <= tol && orth <= orth_tol) break;
+    const double defect = res / (scaled_norm > 0.0 ? scaled_norm : 1.0) + orth;
+    if (steps >= options.max_steps || !(defect <= 0.9 * last_defect)) return result;
+    last_defect = defect;
+    const Step st = low_ok ? plan_step(ws, hi, n, ld, skip_hi, 0.1 * orth_tol, lo.w, lo.s)
+                           : plan_step(ws, hi, n, ld, skip_hi, 0.1 * orth_tol, hi.w, hi.s);
+    if (st.give_up) return result;
+    ++steps;
+    ++result.high_steps;
+    // F = K + H with K = −Kᵀ and 2H = R + K² (or 2H = R without the K² term), so
+    // (I+F)ᵀ(I−R)(I+F) − I = H² + HK − KH [− K²] − FᵀR − RF − FᵀRF, bounded in Frobenius norms
+    // from ‖K‖, ‖R‖ and ‖KᵀK‖ ≤ ‖K‖².
+    const double k = st.rot, r = orth;
+    const double h = 0.5 * r + (st.k2_cancelled ? 0.5 * k * k : 0.0);
+    const double f = k + h;
+    orth_bound = h * h + 2.0 * h * k + (st.k2_cancelled ? 0.0 : k * k) + 2.0 * f * r + f * f * r;
+    // Rounding: the K² product (γ_n‖K‖² plus its conversions), and QF: with Q + ΔQ the stored
+    // result, ‖ΔQ‖_F ≤ γ_n‖Q‖_F‖F‖_F (+ conversions), which moves QᵀQ by about 2.2‖ΔQ‖_F.
+    orth_bound += (2.0 * nd + 4.0) * unit * k * k;
+    const double low_update = 2.2 * (nd + 2.0) * kUnit32 * std::sqrt(nd) * f;
+    if (low_ok && st.clusters == 0 && orth_bound + low_update <= 0.5 * orth_tol) {
+      // Q ← Q + QF with QF in float32 (Q is current: no cluster rotated Qᵀ).
+      convert(hi.qt, lo.qt, nn);
+      convert(hi.e, lo.e, nn);
+      gemm::xty(lo.qt, lo.e, lo.w, ld, n, ld, false, false);
+      add_to(hi.q, lo.w, nn);
+      orth_bound += low_update;
+    } else {
+      update_from_qt(hi, n, ld);
+      orth_bound += 2.2 * (nd + 2.0) * kUnit64 * std::sqrt(nd) * (1.0 + f);
+    }
+    gemm::xty(hi.a, hi.q, hi.w, ld, n, ld, false, false);
+  }
+
+  int64_t* order = ws.order.data();
+  std::iota(order, order + n, int64_t(0));
+  std::stable_sort(order, order + n, [&](int64_t i, int64_t j) { return lam[i] < lam[j]; });
+  for (int64_t j = 0; j < n; ++j) values[j] = static_cast<T>(unscale * lam[order[j]]);
+  for (int64_t r = 0; r < n; ++r) {
+    const double* qrow = hi.q + r * ld;
+    T* out = vectors + r * n;
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(qrow[order[j]]);
+  }
+  result.outcome = Outcome::kConverged;
+  return result;
+}
+
+template Result solve<float>(const float*, const float*, int64_t, float*, float*, const Options&,
+                             Workspace&);
+template Result solve<double>(const double*, const double*, int64_t, double*, double*,
+                              const Options&, Workspace&);
+
+}  // namespace ngcuda::cpu::refine
+
