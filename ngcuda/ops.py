@@ -27,12 +27,23 @@ __all__ = [
 
 
 class EighStatus:
-    """Per-matrix codes of the ``status`` tensor that ``batched_eigh`` returns."""
+    """Per-matrix codes of the ``status`` tensor that ``batched_eigh`` returns.
+
+    ``OK`` and ``WARM_FALLBACK`` are successes: with ``WARM_FALLBACK`` (CPU only) the warm start
+    was not finished within ``max_sweeps`` refinement steps, or was too far off to pay, and the
+    matrix was solved cold instead, so its result is as good as a cold one.
+    """
 
     OK = 0
     NON_FINITE = 1
     NOT_CONVERGED = 2
     SOLVER_FAILED = 3
+    WARM_FALLBACK = 4
+
+    @staticmethod
+    def succeeded(status: Tensor) -> Tensor:
+        """Bool tensor: which matrices have a valid eigendecomposition."""
+        return (status == EighStatus.OK) | (status == EighStatus.WARM_FALLBACK)
 
 
 _warned: set[str] = set()
@@ -142,8 +153,9 @@ def batched_eigh_with_status(
 
 
 def check_eigh_status(status: Tensor) -> None:
-    """Raises naming the first matrix whose eigendecomposition failed."""
-    bad = torch.nonzero(status != EighStatus.OK).flatten().tolist()
+    """Raises naming the first matrix whose eigendecomposition failed (``OK`` and
+    ``WARM_FALLBACK`` are successes)."""
+    bad = torch.nonzero(~EighStatus.succeeded(status)).flatten().tolist()
     if not bad:
         return
     codes = status.tolist()
@@ -165,17 +177,28 @@ def batched_eigh(
     """Eigendecomposes a list of symmetric matrices of any mix of sizes in one call.
 
     Args:
-        matrices: B tensors [n_i, n_i], float32 or float64, all on one device.
-        prev_eigenvectors: None, or B tensors [n_i, n_i]: a warm start. Each matrix is rotated
-            into its previous basis (QᵀAQ) and finished with Jacobi sweeps.
-        tol: stop when the off-diagonal Frobenius norm is at most ``tol·‖A‖_F``; None picks
-            1e-7 for float32 and 1e-14 for float64.
-        max_sweeps: most Jacobi sweeps per matrix.
+        matrices: B tensors [n_i, n_i], float32 or float64, all on one device. Only the lower
+            triangle is read.
+        prev_eigenvectors: None, or B tensors [n_i, n_i]: a warm start, the eigenvectors (as
+            columns) of a nearby matrix such as the previous value of a slowly drifting K-FAC
+            factor. Where it is used it must be orthonormal to within 0.1 (‖QᵀQ − I‖_F).
+        tol: stop when the off-diagonal Frobenius norm of QᵀAQ is at most ``tol·‖A‖_F`` (the CPU
+            refinement tests ‖AQ − QΛ‖_F ≤ tol·‖A‖_F, the same quantity for an orthonormal Q);
+            None picks 1e-7 for float32 and 1e-14 for float64.
+        max_sweeps: on CUDA, most Jacobi sweeps per matrix; on the CPU, most refinement steps per
+            warm-started matrix (each is a simultaneous Jacobi step over all pairs, made of
+            matrix products). 0 accepts a warm start only if it already passes the stop test.
 
-    Where the warm start pays: on the CPU, Jacobi finishes warm starts for n ≤ 24 and larger
-    matrices are solved cold by LAPACK (faster there, measured); on CUDA, the shared-memory
-    Jacobi takes n ≤ 119 (H100; 101 on A100), larger ones go to cuSOLVER. ``prev_eigenvectors``,
-    ``tol`` and ``max_sweeps`` only affect the Jacobi sizes.
+    Warm starts on the CPU (10 ≤ n ≤ 96, where they pay, measured): the previous eigenvectors are
+    refined by iterative refinement (Ogita & Aishima 2018: S = QᵀAQ, R = I − QᵀQ, a first-order
+    correction of every pair at once, Q ← Q + QE), with exact Jacobi rotations for pairs of
+    clustered eigenvalues, first in float32 and then in float64 for the stop test, which also
+    requires ‖QᵀQ − I‖_F ≤ 1e-6 (float32) or about 1e2·n·ε (float64). A matrix that does not pass
+    it within ``max_sweeps`` steps, stops improving, or starts too far off (a quarter of its pairs
+    badly coupled) is solved cold by LAPACK and reported as ``EighStatus.WARM_FALLBACK``. Other
+    sizes are solved cold, their warm start unused. On CUDA, the shared-memory Jacobi finishes
+    warm starts for n ≤ 119 (H100; 101 on A100) after rotating into QᵀAQ, larger ones go to
+    cuSOLVER; ``prev_eigenvectors``, ``tol`` and ``max_sweeps`` only affect the Jacobi sizes.
 
     Returns:
         ``(values, vectors)``: B tensors [n_i] ascending, and B tensors [n_i, n_i] whose

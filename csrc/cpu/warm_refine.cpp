@@ -16,8 +16,6 @@
 
 #include "jacobi.h"
 #include "small_gemm.h"
-#include <cstdlib>
-#include <cstdio>
 
 // Plain loops get AVX-512 / AVX2 clones picked at load time: setup.py compiles for baseline x86-64.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -32,23 +30,37 @@ namespace {
 // Tuning, measured on the benchmark workload (K-FAC-like spectra spanning three decades, drift
 // 1e-6 to 1e-1; benchmarks/bench_eigh.py):
 //
-// A pair joins a cluster when its first-order angle |S_ij + λ_j R_ij| / |λ_j − λ_i| exceeds
-// kClusterAngle. Smaller values solve more of the crowded low spectrum exactly in the first step
-// (fewer steps afterwards); larger ones leave more to the cheap first-order step.
-static double kClusterAngle = std::getenv("T_CA") ? std::atof(std::getenv("T_CA")) : 0.03;
+// A pair joins a cluster when its first-order angle |B_ij| / |λ_j − λ_i| (B: see
+// orthonormal_coupling) exceeds kClusterAngle. Smaller values do
+// more rotations in the first step and leave less to later ones; 0.03 to 0.1 measured within
+// 10% of each other at n = 64, drift 1e-3, with 0.05 the fastest.
+constexpr double kClusterAngle = 0.05;
+// Inside a cluster the rotations go on down to this angle: the pairs left are first-order steps,
+// and a block of equal eigenvalues split by the drift holds hundreds of them, whose first-order
+// rotations at up to kClusterAngle would add up to an O(1) rotation that loses orthonormality.
+constexpr double kBlockAngle = 0.01;
+// Pairs coupled by less than this fraction of the strongest coupling wait a step (see plan_step).
+constexpr double kDefer = 1e-3;
 // After the clusters are rotated, pairs whose angle is at most kFirstOrderAngle take the
 // first-order step; the rest (rare: a cluster's new eigenvalue landing next to an outsider) wait
 // for the next step.
 constexpr double kFirstOrderAngle = 0.1;
-// The float32 phase ends after a step whose rotation ‖K‖_F is below this: the float64 step that
-// follows squares what is left (at most ~‖K‖², about 3e-3 in angle) once more, below 1e-5.
-static double kLowExitRotation = std::getenv("T_EX") ? std::atof(std::getenv("T_EX")) : 0.07;
+// The float32 phase ends after a step whose rotation ‖K‖_F is below this. What it leaves is about
+// ‖K‖² plus float32 noise, so the float64 step that follows rotates by ~5e-3 on the benchmark and
+// then passes the stop test; a lower exit costs another float32 step and saves nothing there.
+constexpr double kLowExitRotation = 0.15;
 constexpr int64_t kLowMaxSteps = 8;
 // float32 products of QᵀAQ carry noise of a few ε32·‖A‖_F; entries below this are left to the
 // float64 phase (chasing them in float32 rotates by noise).
 constexpr double kLowNoise = 2.0 * 5.9604644775390625e-8;
-// Clusters cost Σ m³ to diagonalise; beyond this fraction of n³ LAPACK on the whole matrix is
-// cheaper. Matrices up to kSmallN are exempt: there Jacobi on the whole is the cheap solve anyway.
+// When both more than kHardBudget of all pairs are too close for a first-order step and the
+// clusters they form hold more than kClusterBudget·n³ in Σ m³, the start is not a warm start (a
+// basis from elsewhere, a factor that changed wholesale, an eigenspace of high multiplicity
+// that split): LAPACK on the whole matrix is cheaper than the rotations. Either alone is fine:
+// many pairs in small clusters (equal eigenvalues in blocks) or a large cluster of few pairs (a
+// chain of neighbours in a crowded spectrum) cost little. Matrices up to kSmallN are exempt:
+// there the rotations are the cheap solve anyway.
+constexpr double kHardBudget = 0.25;
 constexpr double kClusterBudget = 0.125;
 constexpr int64_t kSmallN = 32;
 // Sweeps of a cluster's pair rotations before the block is diagonalised by LAPACK instead.
@@ -123,66 +135,94 @@ NGCUDA_CLONES Measure finish_products(T* s, T* r, int64_t n, int64_t ld) {
 }
 
 
-// Pairs i < j whose first-order angle is too large for a first-order step (see kClusterAngle):
-// max(|S_ij + λ_j R_ij|, |S_ij + λ_i R_ij|) > max(skip, angle·|λ_j − λ_i|).
+// S ← B = S + (RΛ + ΛR)/2 off the diagonal and λ on it, with λ_i = S_ii/(1 − R_ii): QᵀAQ in the
+// basis Q(I + R/2), orthonormal to O(R²). The step's rotation is K_ij = B_ij/(λ_j − λ_i): the
+// Ogita–Aishima E_ij = (S_ij + λ_j R_ij)/(λ_j − λ_i) is exactly R_ij/2 + K_ij. Deciding which
+// pairs to rotate on B rather than S matters when R is as large as the couplings: a float32
+// start has R ~ 1e-6, and a cluster of eigenvalues split by 1e-6 is then coupled mostly through R.
+// Returns the largest |B_ij|, i ≠ j.
+template <typename T>
+NGCUDA_CLONES double orthonormal_coupling(T* s, const T* r, T* lam, int64_t n, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) lam[i] = s[i * ld + i] / (T(1) - r[i * ld + i]);
+  std::fill(lam + n, lam + ld, T(0));
+  T top = T(0);
+  for (int64_t i = 0; i < n; ++i) {
+    T* si = s + i * ld;
+    const T* ri = r + i * ld;
+    const T li = lam[i];
+    si[i] = T(0);
+#pragma omp simd reduction(max : top)
+    for (int64_t j = 0; j < ld; ++j) {
+      si[j] += T(0.5) * ri[j] * (li + lam[j]);
+      top = std::max(top, std::abs(si[j]));
+    }
+    si[i] = li;
+  }
+  return static_cast<double>(top);
+}
+
+// Pairs i < j too close for a first-order step (see kClusterAngle):
+// |B_ij| > skip and |B_ij| > angle·|λ_j − λ_i|.
 using PairList = std::vector<std::pair<int32_t, int32_t>>;
 
 template <typename T>
-NGCUDA_CLONES void scan_hard(const T* s, const T* r, const T* lam, int64_t n, int64_t ld, T skip,
-                             T angle, PairList& out) {
+NGCUDA_CLONES void scan_hard(const T* b, const T* lam, int64_t n, int64_t ld, T skip, T angle,
+                             T gap_floor, PairList& out) {
   for (int64_t i = 0; i < n; ++i) {
-    const T* si = s + i * ld;
-    const T* ri = r + i * ld;
+    const T* bi = b + i * ld;
     const T li = lam[i];
     // A vectorised count first; the pairs are collected only in rows that have any.
     int32_t count = 0;
     for (int64_t j = i + 1; j < n; ++j) {
-      const T big = std::max(std::abs(si[j] + lam[j] * ri[j]), std::abs(si[j] + li * ri[j]));
-      count += (big > skip) & (big > angle * std::abs(lam[j] - li));
+      const T big = std::abs(bi[j]), gap = std::abs(lam[j] - li);
+      count += (big > skip) & ((big > angle * gap) | (gap <= gap_floor));
     }
     if (count == 0) continue;
     for (int64_t j = i + 1; j < n; ++j) {
-      const T big = std::max(std::abs(si[j] + lam[j] * ri[j]), std::abs(si[j] + li * ri[j]));
-      if (big > skip && big > angle * std::abs(lam[j] - li)) {
+      const T big = std::abs(bi[j]), gap = std::abs(lam[j] - li);
+      if (big > skip && (big > angle * gap || gap <= gap_floor)) {
         out.emplace_back(static_cast<int32_t>(i), static_cast<int32_t>(j));
       }
     }
   }
 }
 
+// E = R/2 + K of the refinement step (rows and columns beyond n zero). Pairs above `skip` with a
+// first-order angle |B_ij|/|λ_j − λ_i| up to `angle` get the rotation K_ij; the others only the
+// orthonormality correction (negligible ones, and pairs the cluster rotations could not
+// separate, such as equal eigenvalues).
+struct Built {
+  double rot_sq;  // ‖K‖_F²
+  double hard;    // entries (i ≠ j) of pairs past `hard_angle`, each pair counted twice
+};
 
-// E of the refinement step (rows and columns beyond n zero); returns ‖K‖_F² of its rotation part
-// K = E − R/2. Pairs above `skip` with a first-order angle up to `angle` get the first-order
-// rotation; the others only the orthonormality correction R/2 (negligible ones, and pairs the
-// cluster rotations could not separate, such as equal eigenvalues).
 template <typename T>
-NGCUDA_CLONES double build_update(const T* s, const T* r, const T* lam, T* e, int64_t n,
-                                  int64_t ld, T skip, T angle) {
-  // lam[n:ld] is zero and the padding of S and R too, so padded entries come out as E = 0.
-  double rot_sq = 0.0;
+NGCUDA_CLONES Built build_update(const T* b, const T* r, const T* lam, T* e, int64_t n,
+                                 int64_t ld, T skip, T angle, T hard_angle, T gap_floor) {
+  // lam[n:ld] is zero and the padding of B and R too, so padded entries come out as E = 0.
+  Built out{0.0, 0.0};
   for (int64_t i = 0; i < n; ++i) {
-    const T* si = s + i * ld;
+    const T* bi = b + i * ld;
     const T* ri = r + i * ld;
     T* ei = e + i * ld;
     const T li = lam[i];
-    T rot = T(0);
-#pragma omp simd reduction(+ : rot)
+    T rot = T(0), hard = T(0);
+#pragma omp simd reduction(+ : rot, hard)
     for (int64_t j = 0; j < ld; ++j) {
-      const T nij = si[j] + lam[j] * ri[j];
-      const T big = std::max(std::abs(nij), std::abs(si[j] + li * ri[j]));
-      const T gap = lam[j] - li;
-      const bool first = (big > skip) & (big <= angle * std::abs(gap));
-      const T half = T(0.5) * ri[j];
-      const T k = first ? nij / gap - half : T(0);
-      ei[j] = half + k;
+      const T big = std::abs(bi[j]);
+      const T gap = std::abs(lam[j] - li);
+      const bool first = (big > skip) & (big <= angle * gap) & (gap > gap_floor);
+      const T k = first ? bi[j] / (lam[j] - li) : T(0);
+      ei[j] = T(0.5) * ri[j] + k;
       rot += k * k;
+      hard += (big > skip) & ((big > hard_angle * gap) | (gap <= gap_floor)) & (j != i) ? T(1) : T(0);
     }
-    rot_sq += static_cast<double>(rot);
+    out.rot_sq += static_cast<double>(rot);
+    out.hard += static_cast<double>(hard);
   }
   std::fill(e + n * ld, e + ld * ld, T(0));
-  return rot_sq;
+  return out;
 }
-
 
 // k ← E − R/2 (the rotation part, zero diagonal), converted to the product's precision.
 template <typename T, typename U>
@@ -308,7 +348,7 @@ bool solve_clusters(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, doub
     std::fill(vt, vt + k * k, 0.0);
     for (int64_t p = 0; p < k; ++p) vt[p * k + p] = 1.0;
     std::fill(v, v + k * kp, 0.0);
-    if (hard_jacobi(b, vt, k, skip, kClusterAngle, kClusterJacobiSweeps)) {
+    if (hard_jacobi(b, vt, k, skip, kBlockAngle, kClusterJacobiSweeps)) {
       for (int64_t a = 0; a < k; ++a) {
         for (int64_t p = 0; p < k; ++p) v[p * kp + a] = vt[a * k + p];
       }
@@ -403,14 +443,18 @@ int64_t cluster_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, dou
   for (int64_t i = 0; i < n; ++i) {
     if (cluster[i] >= 0) ++start[cluster[i] + 2];
   }
-  double cubes = 0.0;
   int64_t largest = 0;
+  double cubes = 0.0;
   for (int64_t c = 0; c < count; ++c) {
     const double k = start[c + 2];
-    cubes += k * k * k;
     largest = std::max<int64_t>(largest, start[c + 2]);
+    cubes += k * k * k;
   }
-  if (n > kSmallN && cubes > kClusterBudget * static_cast<double>(n) * n * n) return -1;
+  const double nd = static_cast<double>(n);
+  if (n > kSmallN && static_cast<double>(ws.hard.size()) > kHardBudget * 0.5 * nd * (nd - 1) &&
+      cubes > kClusterBudget * nd * nd * nd) {
+    return -1;
+  }
   // Counting sort: start[c + 1] ends as the first slot of cluster c + 1.
   for (int64_t c = 0; c < count; ++c) start[c + 2] += start[c + 1];
   for (int64_t i = 0; i < n; ++i) {
@@ -433,37 +477,49 @@ struct Step {
   bool k2_cancelled;  // the −KᵀK/2 term was added
 };
 
-// One refinement step on S and R from the products: clusters (rotating S, R and the rows of Qᵀ),
+// One refinement step on S and R from the products (scale: ‖A‖_F as scaled): clusters (rotating
+// B, R and the rows of Qᵀ),
 // then the update F in m.e: E, plus −KᵀK/2 when ‖K‖_F² > k2_min, that product formed in precision
 // U with the buffers k and k2. The caller applies Q ← Q(I + F).
 template <typename T, typename U>
-Step plan_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double skip, double k2_min,
-               U* k, U* k2) {
+Step plan_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double scale, double skip,
+               double k2_min, U* k, U* k2) {
   Step step{false, 0, 0.0, false};
   transpose(m.q, m.qt, ld);
   T* lam = reinterpret_cast<T*>(ws.lam_t.data());
-  for (int64_t i = 0; i < n; ++i) lam[i] = m.s[i * ld + i] / (T(1) - m.r[i * ld + i]);
-  std::fill(lam + n, lam + ld, T(0));
-  ws.hard.clear();
-  scan_hard<T>(m.s, m.r, lam, n, ld, static_cast<T>(skip), static_cast<T>(kClusterAngle), ws.hard);
-  step.clusters = cluster_step(ws, m, n, ld, skip);
-  if (step.clusters < 0) {
-    step.give_up = true;
-    return step;
-  }
-  if (step.clusters > 0) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (ws.cluster[i] >= 0) lam[i] = m.s[i * ld + i] / (T(1) - m.r[i * ld + i]);
+  // Pairs coupled far more weakly than the strongest wait for a later step: such couplings are
+  // often second-order effects of the strong ones (inside the null space of a rank-deficient
+  // factor, say) and vanish with them, and acting on them now (first-order angles over tiny
+  // gaps, clusters the size of that space) would cost accuracy or time for nothing. The stop test
+  // still sees them, and the threshold falls to `skip` as the strong couplings go.
+  skip = std::max(skip, kDefer * orthonormal_coupling(m.s, m.r, lam, n, ld));
+  // Eigenvalue estimates carry rounding of a few ε·√n·‖A‖; a gap below that is no gap, and a
+  // first-order angle over it would be noise (harmless in an orthogonal rotation, not in Q + QE).
+  const double gap_floor = 16.0 * std::sqrt(static_cast<double>(n)) *
+                           (sizeof(T) == 4 ? kUnit32 : kUnit64) * scale;
+  Built built = build_update<T>(m.s, m.r, lam, m.e, n, ld, static_cast<T>(skip),
+                                static_cast<T>(kFirstOrderAngle), static_cast<T>(kClusterAngle),
+                                static_cast<T>(gap_floor));
+  if (built.hard > 0.0) {
+    ws.hard.clear();
+    scan_hard<T>(m.s, lam, n, ld, static_cast<T>(skip), static_cast<T>(kClusterAngle),
+                 static_cast<T>(gap_floor), ws.hard);
+    step.clusters = cluster_step(ws, m, n, ld, skip);
+    if (step.clusters < 0) {
+      step.give_up = true;
+      return step;
+    }
+    if (step.clusters > 0) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (ws.cluster[i] >= 0) lam[i] = m.s[i * ld + i];
+      }
+      built = build_update<T>(m.s, m.r, lam, m.e, n, ld, static_cast<T>(skip),
+                              static_cast<T>(kFirstOrderAngle), static_cast<T>(kClusterAngle),
+                              static_cast<T>(gap_floor));
     }
   }
-  const double rot_sq = build_update<T>(m.s, m.r, lam, m.e, n, ld, static_cast<T>(skip),
-                                        static_cast<T>(kFirstOrderAngle));
+  const double rot_sq = built.rot_sq;
   step.rot = std::sqrt(rot_sq);
-  if (std::getenv("NGCUDA_EIGH_DEBUG")) {
-    fprintf(stderr, "  step T=%d hard=%zu rot=%.2e clusters=%ld sizes:", (int)sizeof(T), ws.hard.size(), step.rot, (long)step.clusters);
-    for (int64_t c = 0; c < step.clusters; ++c) fprintf(stderr, " %d", ws.start[c + 1] - ws.start[c]);
-    fprintf(stderr, "\n");
-  }
   if (rot_sq > k2_min) {
     // Q(I + E) is off orthonormal by KᵀK; adding K²/2 = −KᵀK/2 cancels that to second order, so
     // ‖QᵀQ − I‖ falls with the rotation instead of lagging a step behind.
@@ -483,10 +539,16 @@ void update_from_qt(const Mats<T>& m, int64_t n, int64_t ld) {
   gemm::xty(m.qt, m.e, m.q, ld, n, ld, false, false);
 }
 
-// r ← I − QᵀQ, w ← AQ, s ← QᵀAQ (all symmetric ones mirrored).
+// r ← I − QᵀQ (or 0 without with_r), w ← AQ, s ← QᵀAQ (symmetric ones mirrored).
 template <typename T>
-Measure products(const Mats<T>& m, int64_t n, int64_t ld) {
-  gemm::xty(m.q, m.q, m.r, ld, n, ld, false, true);
+Measure products(const Mats<T>& m, int64_t n, int64_t ld, bool with_r) {
+  if (with_r) {
+    gemm::xty(m.q, m.q, m.r, ld, n, ld, false, true);
+  } else {
+    // G = I, which finish_products turns into R = 0.
+    std::fill(m.r, m.r + ld * ld, T(0));
+    for (int64_t i = 0; i < n; ++i) m.r[i * ld + i] = T(1);
+  }
   gemm::xty(m.a, m.q, m.w, ld, n, ld, false, false);  // A is symmetric: AᵀQ = AQ
   gemm::xty(m.q, m.w, m.s, ld, n, ld, false, true);
   return finish_products(m.s, m.r, n, ld);
@@ -554,7 +616,9 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
 
   const double nd = static_cast<double>(n);
   const double tol = options.tol * scaled_norm;
-  const double skip_hi = tol / nd;
+  // Entries at float64 rounding level are noise even where tol/n is smaller (float64 defaults):
+  // rotating them, say inside a cluster of equal eigenvalues, would only chase rounding.
+  const double skip_hi = std::max(tol / nd, 4.0 * kUnit64 * scaled_norm);
   const double skip_lo = std::max(skip_hi, kLowNoise * scaled_norm);
   // float64 rounding of QᵀQ itself is a few n·ε64. A float32 result is rounded to float32
   // afterwards, which alone leaves ‖QᵀQ − I‖_F ≈ ε32·√(2n/3) (3e-7 at n = 64): 1e-6 is below what
@@ -571,15 +635,18 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
   // float32 phase: down to float32 noise, while it pays.
   double last_off = std::numeric_limits<double>::infinity();
   for (int64_t k = 0; k < kLowMaxSteps && steps < options.max_steps; ++k) {
-    const Measure ms = products(lo, n, ld);
-    if (!checked && !check_prev(std::sqrt(ms.r_sq))) {
+    // The first step goes without R: a start's own ‖QᵀQ − I‖ (float32 rounding, ~1e-6) is below
+    // what a float32 step resolves, and the rotation keeps it to first order, so the first R
+    // measured (next step, or the float64 phase) still shows a start far from orthonormal.
+    const Measure ms = products(lo, n, ld, k > 0);
+    if (k > 0 && !checked && !check_prev(std::sqrt(ms.r_sq))) {
       result.outcome = Outcome::kNotOrthonormal;
       return result;
     }
     const double off = std::sqrt(ms.off_sq);
     if (off <= skip_lo || off > 0.5 * last_off) break;  // at float32 noise, or no longer gaining
     last_off = off;
-    const Step st = plan_step(ws, lo, n, ld, skip_lo, 1e-6, lo.w, lo.s);
+    const Step st = plan_step(ws, lo, n, ld, scaled_norm, skip_lo, 1e-6, lo.w, lo.s);
     if (st.give_up) return result;
     update_from_qt(lo, n, ld);
     ++steps;
@@ -616,8 +683,9 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
     const double defect = res / (scaled_norm > 0.0 ? scaled_norm : 1.0) + orth;
     if (steps >= options.max_steps || !(defect <= 0.9 * last_defect)) return result;
     last_defect = defect;
-    const Step st = low_ok ? plan_step(ws, hi, n, ld, skip_hi, 0.1 * orth_tol, lo.w, lo.s)
-                           : plan_step(ws, hi, n, ld, skip_hi, 0.1 * orth_tol, hi.w, hi.s);
+    const Step st =
+        low_ok ? plan_step(ws, hi, n, ld, scaled_norm, skip_hi, 0.1 * orth_tol, lo.w, lo.s)
+               : plan_step(ws, hi, n, ld, scaled_norm, skip_hi, 0.1 * orth_tol, hi.w, hi.s);
     if (st.give_up) return result;
     ++steps;
     ++result.high_steps;
@@ -653,6 +721,7 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
   for (int64_t r = 0; r < n; ++r) {
     const double* qrow = hi.q + r * ld;
     T* out = vectors + r * n;
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(qrow[order[j]]);
   }
   result.outcome = Outcome::kConverged;

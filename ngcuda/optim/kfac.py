@@ -481,7 +481,7 @@ class KFAC(torch.optim.Optimizer):
             vals, vecs, status = ops.batched_eigh_with_status(mats, prevs, self.eigh.tol,
                                                               self.eigh.max_sweeps)
             okf = [torch.isfinite(v).all() & torch.isfinite(q).all() for v, q in zip(vals, vecs)]
-            converged = status.cpu() == ops.EighStatus.OK
+            converged = ops.EighStatus.succeeded(status.cpu())
             ok = (torch.stack([o.cpu() for o in okf]) & converged).tolist()
             for i, good in enumerate(ok):
                 if good:
