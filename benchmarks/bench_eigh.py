@@ -3,7 +3,7 @@
 Workload: a batch of K-FAC-like factors A_old = XᵀX/m (X [m=2n, n] Gaussian with decaying column
 scales, so the spectrum spans a few decades like an activation covariance). Warm start: the
 factor drifts by a PSD step, A_new = A_old + drift·‖A_old‖_F·P/‖P‖_F with P = HHᵀ (H [n, n]
-Gaussian), relative size drift = 1e-3 by default (--drift), and prev = float32 eigenvectors of
+Gaussian), relative size drift = 1e-3 by default (--drift, one or more), and prev = eigenvectors of
 A_old, as a K-FAC optimizer would hold them. Accuracy columns are the worst over the batch,
 evaluated in float64: residual ‖AQ−QΛ‖_F/‖A‖_F, orthogonality ‖QᵀQ−I‖_F, and eigenvalue error
 max|λ−λ_ref|/max|λ_ref| against float64 eigvalsh.
@@ -18,12 +18,12 @@ Methods, all on the same list and timed round-robin so machine noise hits them a
   ngcuda cold    ops.batched_eigh(list)
   ngcuda warm    ops.batched_eigh(list, prev)
 
-The CPU kernel ignores a warm start above n = 24, where it measured LAPACK faster than the
-sweeps; --force-warm-jacobi lifts that limit (NGCUDA_EIGH_WARM_JACOBI_MAX_N) to show the
-measurement behind it.
+The CPU kernel refines warm starts for 10 ≤ n ≤ 96 and solves other sizes cold (where that was
+measured faster); "warm fallbacks" counts the matrices it handed to the cold solver instead
+(status WARM_FALLBACK). NGCUDA_EIGH_WARM_MIN_N / NGCUDA_EIGH_WARM_MAX_N move that range.
 
 Usage: python benchmarks/bench_eigh.py [--quick] [--json PATH] [--sizes 16 64 256] [--batch 64]
-       [--drift 1e-3] [--dtype float32] [--threads N] [--force-warm-jacobi]
+       [--drift 1e-3 [1e-2 ...]] [--dtype float32] [--threads N]
 """
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    """The 1-minute load average (other jobs on the machine skew every timing)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
 
 
 def kfac_factor(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -125,6 +133,7 @@ def bench_size(n: int, batch: int, drift: float, dtype: torch.dtype, repeats: in
         methods[name] = {"ms": seconds[name] * 1e3, "residual": res, "orthogonality": orth,
                          "eigenvalue_rel_err": eig_err}
     _, _, status = ops.batched_eigh_with_status(new, prev)
+    status = status.tolist()
     base_s, base_l = seconds["torch_stacked"], seconds["torch_looped"]
     return {
         "n": n,
@@ -136,12 +145,14 @@ def bench_size(n: int, batch: int, drift: float, dtype: torch.dtype, repeats: in
         "speedup_cold_vs_looped": base_l / seconds["ngcuda_cold"],
         "speedup_warm_vs_stacked": base_s / seconds["ngcuda_warm"],
         "speedup_warm_vs_looped": base_l / seconds["ngcuda_warm"],
-        "warm_not_converged": int((status != 0).sum()),
+        "warm_fallbacks": sum(code == ops.EighStatus.WARM_FALLBACK for code in status),
+        "warm_failed": sum(code not in (ops.EighStatus.OK, ops.EighStatus.WARM_FALLBACK)
+                           for code in status),
     }
 
 
 def print_table(results: list[dict]) -> None:
-    head = (f"{'n':>5} {'method':<14} {'ms':>9} {'vs stacked':>10} {'vs looped':>10} "
+    head = (f"{'n':>5} {'drift':>7} {'method':<14} {'ms':>9} {'vs stacked':>10} {'vs looped':>10} "
             f"{'residual':>9} {'orthog':>9} {'eig rel':>9}")
     print(head)
     print("-" * len(head))
@@ -149,11 +160,12 @@ def print_table(results: list[dict]) -> None:
         t_s = r["methods"]["torch_stacked"]["ms"]
         t_l = r["methods"]["torch_looped"]["ms"]
         for name, m in r["methods"].items():
-            print(f"{r['n']:>5} {name:<14} {m['ms']:>9.3f} {t_s / m['ms']:>9.2f}x "
+            print(f"{r['n']:>5} {r['drift']:>7.0e} {name:<14} {m['ms']:>9.3f} {t_s / m['ms']:>9.2f}x "
                   f"{t_l / m['ms']:>9.2f}x {m['residual']:>9.1e} {m['orthogonality']:>9.1e} "
                   f"{m['eigenvalue_rel_err']:>9.1e}")
-        if r["warm_not_converged"]:
-            print(f"      warm start: {r['warm_not_converged']} matrices did not converge")
+        if r["warm_fallbacks"] or r["warm_failed"]:
+            print(f"      warm start: {r['warm_fallbacks']} of {r['batch']} solved cold instead, "
+                  f"{r['warm_failed']} failed")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,18 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--drift", type=float, default=1e-3,
-                        help="relative Frobenius size of the PSD step between factors")
+    parser.add_argument("--drift", type=float, nargs="+", default=[1e-3],
+                        help="relative Frobenius size of the PSD step between factors (one or more)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for every method (default: torch's own)")
-    parser.add_argument("--force-warm-jacobi", action="store_true",
-                        help="run warm starts through Jacobi at every size")
     args = parser.parse_args(argv)
-    if args.force_warm_jacobi:
-        # Read by the kernel on its first warm call, which has not happened yet.
-        os.environ["NGCUDA_EIGH_WARM_JACOBI_MAX_N"] = str(1 << 30)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     repeats, warmup = (3, 1) if args.quick else (9, 2)
@@ -186,16 +193,17 @@ def main(argv: list[str] | None = None) -> None:
         "torch_version": torch.__version__,
         "dtype": args.dtype,
         "batch": args.batch,
-        "drift": args.drift,
+        "drifts": args.drift,
         "repeats": repeats,
-        "force_warm_jacobi": args.force_warm_jacobi,
+        "warm_range": [int(os.environ.get("NGCUDA_EIGH_WARM_MIN_N", 10)),
+                       int(os.environ.get("NGCUDA_EIGH_WARM_MAX_N", 96))],
         "timing": "median of round-robin repeats after warm-up",
+        "load_average_1min": load_average(),
     }
     print(f"batched_eigh vs torch.linalg.eigh | {info['cpu_model']} | {info['threads']} threads | "
-          f"torch {info['torch_version']} | {args.dtype} | batch {args.batch} | drift {args.drift}"
-          + (" | warm Jacobi forced at every n" if args.force_warm_jacobi else ""))
-    results = [bench_size(n, args.batch, args.drift, dtype, repeats, warmup, args.seed)
-               for n in args.sizes]
+          f"torch {info['torch_version']} | {args.dtype} | batch {args.batch} | load {load_average()}")
+    results = [bench_size(n, args.batch, drift, dtype, repeats, warmup, args.seed)
+               for n in args.sizes for drift in args.drift]
     print_table(results)
     if args.json and args.json != "-":
         with open(args.json, "w") as f:

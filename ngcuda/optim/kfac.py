@@ -54,7 +54,7 @@ class EighOptions:
 
     Attributes:
         tol: relative off-diagonal stop; None = the op's default for the dtype.
-        max_sweeps: most Jacobi sweeps per matrix.
+        max_sweeps: most Jacobi sweeps (CUDA) or refinement steps (CPU warm starts) per matrix.
         warm_start: start from the previous eigenvectors.
         retry_float64: on a failed matrix, retry it in float64 before keeping the old basis.
     """
