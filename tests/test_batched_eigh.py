@@ -259,6 +259,25 @@ def test_identity_accepts_any_basis(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30])
+def test_warm_scale_and_zero(dtype, scale):
+    """The refinement works on A scaled to unit norm: tiny and huge factors (1e±30, beyond
+    float32's squares) behave like unit ones, and a zero factor keeps its basis."""
+    gen = torch.Generator().manual_seed(19)
+    old = [kfac_factor(n, gen) for n in (12, 40)]
+    new = [scale * drift(a, 1e-3, gen) for a in old]
+    prev = [torch.linalg.eigh(a)[1] for a in old]
+    values, vectors, status = warm(new, prev, dtype)
+    assert status.tolist() == [OK, OK]
+    if scale == 0.0:
+        for lam, q in zip(values, vectors):
+            assert bool((lam == 0).all())
+            check([torch.zeros(q.shape[0], q.shape[0], dtype=torch.float64)], [lam], [q], dtype)
+    else:
+        check(new, values, vectors, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_mixed_sizes_in_one_warm_call(dtype):
     """Sizes below, inside and above the refinement range (n = 1, odd sizes, the padded 65 and 97)
     in one call, each against the reference."""
