@@ -183,8 +183,9 @@ def batched_eigh(
             columns) of a nearby matrix such as the previous value of a slowly drifting K-FAC
             factor. Where it is used it must be orthonormal to within 0.1 (‖QᵀQ − I‖_F).
         tol: stop when the off-diagonal Frobenius norm of QᵀAQ is at most ``tol·‖A‖_F`` (the CPU
-            refinement tests ‖AQ − QΛ‖_F ≤ tol·‖A‖_F, the same quantity for an orthonormal Q);
-            None picks 1e-7 for float32 and 1e-14 for float64.
+            refinement tests ‖AQ − QΛ‖_F ≤ tol·‖A‖_F, the same quantity for an orthonormal Q,
+            with tol raised to 4·n·ε64 where that is larger: below it the float64 residual is
+            rounding); None picks 1e-7 for float32 and 1e-14 for float64.
         max_sweeps: on CUDA, most Jacobi sweeps per matrix; on the CPU, most refinement steps per
             warm-started matrix (each is a simultaneous Jacobi step over all pairs, made of
             matrix products). 0 accepts a warm start only if it already passes the stop test.
