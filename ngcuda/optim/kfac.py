@@ -73,6 +73,17 @@ def _as_float(v: Any) -> float:
     return float(v.detach()) if isinstance(v, Tensor) else float(v)
 
 
+def _all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Per tensor: no NaN/Inf. One host sync for the whole list, since the max-abs norm
+    propagates NaN and turns any Inf into Inf."""
+    if not tensors:
+        return []
+    if any(t.is_sparse for t in tensors) or len({t.device for t in tensors}) > 1:
+        return [bool(torch.isfinite(t.coalesce().values() if t.is_sparse else t).all())
+                for t in tensors]
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).tolist()
+
+
 def _same_signature(a: Optional[tuple], b: Optional[tuple]) -> bool:
     if a is None or b is None or len(a) != len(b):
         return False
@@ -385,7 +396,7 @@ class KFAC(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return set()
-        flags = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
+        flags = _all_finite([p.grad for p in params])
         bad = {id(p) for p, ok in zip(params, flags) if not ok}
         if not bad:
             return bad
@@ -443,10 +454,9 @@ class KFAC(torch.optim.Optimizer):
             pending.append((layer, st, ta, tg, sig, recs, g_rows))
         if not pending:
             return
-        checks = [torch.isfinite(tg).all() if ta is None
-                  else torch.isfinite(tg).all() & torch.isfinite(ta).all()
-                  for (_, _, ta, tg, *_rest) in pending]
-        flags = torch.stack([c.cpu() for c in checks]).tolist()
+        stats = [[tg] if ta is None else [tg, ta] for (_, _, ta, tg, *_rest) in pending]
+        finite = iter(_all_finite([t for group in stats for t in group]))
+        flags = [all([next(finite) for _ in group]) for group in stats]
         for (layer, st, ta, tg, sig, recs, g_rows), ok in zip(pending, flags):
             if not ok:
                 self._warn(None, f"non-finite factor statistics in layer '{layer.name}' (NaN/Inf "
