@@ -143,6 +143,19 @@ def test_true_fisher_ranks_sample_independently_but_agree(runs):
     assert any(float(u.abs().max()) > 0 for u in first)
 
 
+def test_main_job_full_batch_two_ranks_match_one_rank_on_cora(runs):
+    """ngcuda.train's loop, each rank's loss on its 70 of the 140 training nodes: with Adam (DDP)
+    the 2-rank run reports the same losses as 1 rank; K-FAC ranks agree with each other."""
+    ref = worker.run_cora(0, 1)["adam"]
+    for want, got in zip(ref, runs[0]["cora"]["adam"]):
+        assert abs(got["train_loss"] - want["train_loss"]) <= 1e-5
+        assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5
+    for name in ("adam", "kfac"):
+        h0, h1 = (res["cora"][name] for res in runs)
+        assert [r["val_loss"] for r in h0] == [r["val_loss"] for r in h1]
+        assert [r["train_loss"] for r in h0] == [r["train_loss"] for r in h1]
+
+
 # ------------------------------------------------------------------------------ fail fast
 @pytest.mark.parametrize("scenario", ["crash", "stall"])
 def test_a_failing_rank_makes_the_other_fail_fast(tmp_path, scenario):
@@ -216,3 +229,38 @@ def test_world_size_one_makes_no_collective_calls(tmp_path, monkeypatch):
 
 def test_error_type_is_a_runtime_error():
     assert issubclass(DistributedKFACError, RuntimeError)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_torchrun_two_processes_minibatch_on_cora(tmp_path):
+    """`torchrun --nproc_per_node 2 -m ngcuda train --distributed --batch-size 35`: each rank
+    samples NeighborLoader batches from its half of the training nodes; rank 0 writes metrics."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ngcuda", "train", "--distributed", "--dist-timeout", "60", "--epochs", "2",
+           "--batch-size", "35", "--num-neighbors", "5,5", "--optimizers", "kfac,adam",
+           "--out", str(out), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=HARD_LIMIT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["config"]["batch_size"] == 35
+    assert [r["optimizer"] for r in metrics["runs"]] == ["kfac", "adam"]
+    for run in metrics["runs"]:
+        assert [h["epoch"] for h in run["history"]] == [1, 2]
+        assert all(0.0 < h["train_loss"] < 10.0 for h in run["history"])
+
+
+def test_cli_distributed_outside_torchrun_is_a_clear_error(capsys, monkeypatch):
+    from ngcuda.cli import main
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--distributed", "--epochs", "1"])
+    assert e.value.code == 2
+    assert "run under torchrun" in capsys.readouterr().err
