@@ -34,6 +34,7 @@ CONFIGS: dict[str, tuple[str, str, bool, str]] = {
     "mlp-ddp": ("mlp-even", "eigenbases", True, "empirical"),
     "one-layer-gradients": ("one-layer", "gradients", False, "empirical"),
     "gcn-true-fisher": ("gcn", "eigenbases", False, "true"),
+    "mlp-ddp-true-fisher": ("mlp-even", "gradients", True, "true"),
 }
 
 

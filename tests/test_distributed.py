@@ -83,7 +83,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- 2 ranks == 1 rank
-@pytest.mark.parametrize("name", [n for n in worker.CONFIGS if n != "gcn-true-fisher"])
+@pytest.mark.parametrize("name", [n for n, c in worker.CONFIGS.items() if c[3] == "empirical"])
 def test_two_ranks_on_split_data_equal_one_rank_on_all(runs, name):
     """Factors, eigenvalues and parameter updates to 1e-6 over 5 steps (inverse updates at
     steps 0, 2, 4), with uneven shares (7 / 13 examples, 2 / 4 labelled nodes)."""
@@ -136,10 +136,12 @@ def test_no_hang_when_a_rank_owns_no_layer(runs):
     assert all(s["eigenvalues"] for s in runs[0]["one-layer-gradients"]["steps"])
 
 
-def test_true_fisher_ranks_sample_independently_but_agree(runs):
-    # ranks draw their own targets (seed + rank), yet hold identical averaged factors/parameters
-    # (checked above); the parameters moved.
-    first = runs[0]["gcn-true-fisher"]["steps"][0]["updates"]
+@pytest.mark.parametrize("name", ["gcn-true-fisher", "mlp-ddp-true-fisher"])
+def test_true_fisher_ranks_sample_independently_but_agree(runs, name):
+    """Ranks draw their own targets (seed + rank), so the 1-rank run is matched in expectation
+    only; the ranks still hold identical factors and parameters (checked above), which moved.
+    With DDP the sampled-target backward leaves DDP's gradient reduction alone."""
+    first = runs[0][name]["steps"][0]["updates"]
     assert any(float(u.abs().max()) > 0 for u in first)
 
 

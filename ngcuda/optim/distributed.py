@@ -196,6 +196,7 @@ class Communicator:
         self.layer_owner = greedy_assign(layer_costs, self.world)
         self.step = 0
         self.calls = 0  # collectives launched (tests and overhead accounting)
+        self.elements = 0  # elements all-reduced or broadcast, summed over the calls
 
     # -------------------------------------------------------------------------- plumbing
     def _src(self, r: int) -> int:
@@ -215,6 +216,7 @@ class Communicator:
 
     def sum_async(self, tensors: list[Tensor], what: str) -> PendingSum:
         self.calls += 1
+        self.elements += sum(t.numel() for t in tensors)
         return PendingSum(self, tensors, what)
 
     def sum_now(self, t: Tensor, what: str) -> Tensor:
@@ -344,6 +346,7 @@ class Communicator:
                     pack(results[i], sizes[i][1], buf[off:off + n])
                     off += n
             works.append(dist.broadcast(buf, self._src(owner), group=self.group, async_op=True))
+            self.elements += buf.numel()
             bufs.append((idx, buf))
         self.calls += len(works)
         self._wait(works, what)
