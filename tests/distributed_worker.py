@@ -124,9 +124,11 @@ def run_config(name: str, rank: int, world: int) -> dict[str, Any]:
         opt.zero_grad()
         out = forward()
         opt.set_outputs(out, mask=mask)
+        in_flight = opt._pending_factors is not None  # the factor all-reduce during backward
         F.cross_entropy(out[mask], y[mask]).backward()
         opt.step()
         rec: dict[str, Any] = {
+            "in_flight": in_flight,
             "params": [p.detach().clone() for p in model.parameters()],
             "updates": [p.detach() - b for p, b in zip(model.parameters(), before)],
             "factors": {}, "eigenvalues": {},

@@ -143,6 +143,9 @@ def test_true_fisher_ranks_sample_independently_but_agree(runs, name):
     With DDP the sampled-target backward leaves DDP's gradient reduction alone."""
     first = runs[0][name]["steps"][0]["updates"]
     assert any(float(u.abs().max()) > 0 for u in first)
+    # true Fisher: the factor all-reduce is launched by set_outputs, before the user's backward
+    assert all(s["in_flight"] for res in runs for s in res[name]["steps"])
+    assert not any(s["in_flight"] for s in runs[0]["mlp-eigenbases"]["steps"])  # empirical
 
 
 def test_main_job_full_batch_two_ranks_match_one_rank_on_cora(runs):

@@ -12,6 +12,10 @@ One step, top-down (:meth:`KFAC.step`):
 4. **Preconditioning** every step: ONE :func:`ngcuda.ops.precondition` call over all layers gives
    ``(A⊗G + γI)⁻¹ vec(g + η θ)``; then KL clipping, momentum (or the base optimizer), update.
 
+Distributed (:mod:`.distributed`, on when a process group of more than one rank exists): gradients
+and the step-2 statistics are averaged across ranks, weighted by example / row counts; step 3 is
+split across ranks; its results (or step 4's, ``broadcast="gradients"``) are broadcast.
+
 Scaling (documented choice). The loss is a mean over ``n`` examples (labelled nodes), so the
 per-example output gradient is ``ĝ_i = n·∂L/∂z_i``. ``G = Σ_i ĝ_i ĝ_iᵀ / n`` sums over every row of
 the layer output (for inner GCN layers these include the unlabelled neighbours that ``Â`` couples
