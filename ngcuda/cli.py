@@ -7,10 +7,13 @@ metrics.json, metrics.csv and curves.png into --out, and print a results table. 
     ngcuda train --dataset citeseer --optimizers kfac-adam,adam --seeds 10
     ngcuda train --dataset coauthor-cs --data-root shared/data/npz --model deep-gcn --layers 8
     ngcuda train-ae --optimizers kfac,adam,sgd --epochs 20
+    torchrun --nproc_per_node 2 -m ngcuda train --distributed     # data parallel, 2 processes
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +79,30 @@ def parse_seeds(text: str) -> list[int]:
     return values
 
 
+def _neighbors(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values or any(v == 0 or v < -1 for v in values):
+        raise argparse.ArgumentTypeError(f"neighbours per hop must be positive or -1, got {text!r}")
+    return values
+
+
+def _init_distributed(parser: argparse.ArgumentParser, device_name: str, timeout: float) -> tuple[int, int]:
+    """Joins torchrun's process group (gloo on CPU, NCCL on CUDA); returns (rank, world size)."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        parser.error("--distributed: run under torchrun (e.g. torchrun --nproc_per_node 2 -m ngcuda train "
+                     "--distributed); RANK and WORLD_SIZE are not set")
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _optimizers(text: str) -> list[str]:
     from .train.optimizers import parse_optimizers
 
@@ -135,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add (t/T)^GAMMA x cross-entropy of unlabelled nodes against their argmax prediction")
     t.add_argument("--no-normalize-features", dest="normalize_features", action="store_false",
                    help="keep raw features (default: row-normalise, as GCN does)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="mini-batch training: B training (seed) nodes per NeighborLoader batch (default: full batch)")
+    t.add_argument("--num-neighbors", type=_neighbors, default=(10, 10), metavar="K1,K2",
+                   help="mini-batch: neighbours sampled per hop, -1 for all (default 10,10)")
+    t.add_argument("--distributed", action="store_true",
+                   help="data parallel over the processes of torchrun (gloo on CPU, NCCL on GPU): each rank "
+                   "takes its share of the training nodes (full batch) or of the batches")
+    t.add_argument("--dist-timeout", type=_positive_float, default=300.0, metavar="S",
+                   help="--distributed: seconds a rank waits for the others before failing (default 300)")
     _common(t, default_epochs=200)
     t.set_defaults(_handler=cmd_train, _parser=t)
 
@@ -189,26 +225,45 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .train import NodeConfig, OptimizerConfig, summarise_node_runs, train_node_classifier, write_metrics
-    from .train.metrics import node_table
-    from .train.plot import plot_runs
-
     if args.model != "deep-gcn" and args.layers is not None:
         parser.error(f"--layers applies to --model deep-gcn only (got --model {args.model})")
     if args.model != "deep-gcn" and args.skip:
         parser.error(f"--skip applies to --model deep-gcn only (got --model {args.model})")
     if args.dataset in NPZ_DATASETS and args.split not in (None, "random"):
         parser.error(f"--split {args.split}: {args.dataset} has only the random split (20/30 per class)")
+    if args.distributed and args.pseudo_label_gamma is not None:
+        parser.error("--pseudo-label-gamma is not supported with --distributed")
     optimizers = args.optimizers or ["kfac", "adam"]
     seeds = args.seeds or [0]
     _check_optimizers(parser, optimizers)
+    rank, world = _init_distributed(parser, args.device, args.dist_timeout) if args.distributed else (0, 1)
+    try:
+        return _train(parser, args, optimizers, seeds, rank, world)
+    finally:
+        if args.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers: list[str], seeds: list[int],
+           rank: int, world: int) -> int:
+    from .train import NodeConfig, OptimizerConfig, summarise_node_runs, train_node_classifier, write_metrics
+    from .train.metrics import node_table
+    from .train.plot import plot_runs
+
     device = _device(parser, args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if rank != 0:
+        args.quiet = True  # rank 0 reports and writes
     layers = args.layers or (DEFAULT_DEEP_LAYERS if args.model == "deep-gcn" else 2)
     if args.model == "deep-gcn" and layers < 2:
         parser.error(f"--layers must be at least 2, got {layers}")
     cfg = NodeConfig(
         model=args.model, hidden=args.hidden, dropout=args.dropout, layers=layers, skip=args.skip,
         epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
+        batch_size=args.batch_size, num_neighbors=args.num_neighbors,
     )
     opt_cfg = OptimizerConfig(
         lr=args.lr, momentum=args.momentum, weight_decay=5e-4 if args.weight_decay is None else args.weight_decay,
@@ -231,7 +286,9 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(
             f"{args.dataset}: {g0.num_nodes} nodes, {g0.num_edges} directed edges, {g0.num_features} features, "
             f"{g0.num_classes} classes; split {split} {int(g0.train_mask.sum())}/{int(g0.val_mask.sum())}/"
-            f"{int(g0.test_mask.sum())}; model {args.model}; device {device}",
+            f"{int(g0.test_mask.sum())}; model {args.model}; device {device}"
+            + (f"; {world} processes" if world > 1 else "")
+            + (f"; mini-batches of {args.batch_size}" if args.batch_size else ""),
             flush=True,
         )
     runs = []
@@ -248,10 +305,13 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 runs.append(train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick))
     finally:
         bar.close()
+    if rank != 0:
+        return 0
     summary = summarise_node_runs(runs)
     out = _out_dir(args.out)
     payload = {
         "command": "train",
+        "world_size": world,
         "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "split": split, "layers": layers},
         "device": str(device),
         "dataset": {

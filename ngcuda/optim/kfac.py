@@ -12,6 +12,10 @@ One step, top-down (:meth:`KFAC.step`):
 4. **Preconditioning** every step: ONE :func:`ngcuda.ops.precondition` call over all layers gives
    ``(A⊗G + γI)⁻¹ vec(g + η θ)``; then KL clipping, momentum (or the base optimizer), update.
 
+Distributed (:mod:`.distributed`, on when a process group of more than one rank exists): gradients
+and the step-2 statistics are averaged across ranks, weighted by example / row counts; step 3 is
+split across ranks; its results (or step 4's, ``broadcast="gradients"``) are broadcast.
+
 Scaling (documented choice). The loss is a mean over ``n`` examples (labelled nodes), so the
 per-example output gradient is ``ĝ_i = n·∂L/∂z_i``. ``G = Σ_i ĝ_i ĝ_iᵀ / n`` sums over every row of
 the layer output (for inner GCN layers these include the unlabelled neighbours that ``Â`` couples
@@ -25,6 +29,7 @@ contributes ``w_i`` times its per-row Fisher and ``G`` is a weighted mean.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .distributed import REMOTE, LocalStatistics, eigh_cost, make_communicator
 from .damping import (LMConfig, damped_curvature_energy, ekfac_precondition, ekfac_scales,
                       kl_clip_scale, lm_update)
 from .fisher import FISHER_TYPES, normalize_likelihood, row_weights, sampled_nll
@@ -135,7 +141,12 @@ class KFAC(torch.optim.Optimizer):
         base_optimizer: preconditioner-only mode ("Adam-KFAC"): ``.grad`` is replaced by the
             preconditioned gradient, then ``base_optimizer.step()`` runs with its own lr / decay.
         eigh: :class:`EighOptions`.
-        seed: seed of the generator that samples true-Fisher targets (saved in the state dict).
+        seed: seed of the generator that samples true-Fisher targets (saved in the state dict);
+            in a distributed run rank r uses ``seed + r``, so that ranks sample independently.
+        distributed: None (default: on when a ``torch.distributed`` group of more than one rank
+            is initialised), True, False, or :class:`~ngcuda.optim.distributed.DistributedOptions`
+            (broadcast eigenbases or preconditioned gradients, bucket size, timeout); see
+            :mod:`ngcuda.optim.distributed`. World size 1 makes no collective calls.
 
     Every hyperparameter in the param groups (lr, momentum, weight_decay, damping, kl_clip) and
     ``factor_decay``/``factor_every``/``inverse_every`` may be a float or a callable of the step.
@@ -161,6 +172,7 @@ class KFAC(torch.optim.Optimizer):
         base_optimizer: Optional[torch.optim.Optimizer] = None,
         eigh: EighOptions = EighOptions(),
         seed: int = 0,
+        distributed: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -213,6 +225,16 @@ class KFAC(torch.optim.Optimizer):
                 f"plain (unpreconditioned) update: {', '.join(plain)}", KFACWarning, stacklevel=2)
         for layer in self._layers:
             layer.attach()
+        # Distributed: None when off or world size 1 (then no collective call is ever made).
+        self._dist = make_communicator(
+            distributed, model, [eigh_cost(lay.a_size) + eigh_cost(lay.g_size)
+                                 for lay in self._layers])
+        if self._dist is not None:
+            if self.ekfac or self.adaptive_damping:
+                raise ValueError("ngcuda.KFAC: ekfac and adaptive_damping are not supported in "
+                                 "distributed runs yet (their statistics are not averaged)")
+            self.seed += self._dist.rank
+        self._pending_factors: Optional[tuple] = None
         self._step = 0
         self._generators: dict[str, torch.Generator] = {}
         self._warned: set[str] = set()
@@ -261,17 +283,19 @@ class KFAC(torch.optim.Optimizer):
         if not outputs.requires_grad:
             raise ValueError("outputs must be part of the autograd graph (requires_grad)")
         edges = [r.edge for layer in self._layers for r in layer.records]
-        if not edges:
-            return
-        loss = sampled_nll(outputs, lik, w, self._generator(outputs.device))
-        if not loss.requires_grad:
-            return
-        self._capture.phase = "fisher"
-        try:
-            torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
-        finally:
-            self._capture.phase = "loss"
-        self._fisher_ready = True
+        loss = sampled_nll(outputs, lik, w, self._generator(outputs.device)) if edges else None
+        if loss is not None and loss.requires_grad:
+            self._capture.phase = "fisher"
+            try:
+                torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
+            finally:
+                self._capture.phase = "loss"
+            self._fisher_ready = True
+        if self._dist is not None:
+            # Everything G and A need is known now: the factor all-reduce runs during the
+            # user's backward. Launched on every rank alike, whatever its data.
+            self._dist.step = self._step
+            self._pending_factors = self._launch_factors(self._step)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -284,11 +308,19 @@ class KFAC(torch.optim.Optimizer):
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
 
         self._check_hooks()
-        bad = self._nonfinite_grads()
+        finish_grads = None
+        if self._dist is not None:
+            self._dist.step = t
+            if self._dist.average_grads:
+                finish_grads = self._dist.average_gradients(
+                    [p for g in self.param_groups for p in g["params"]], self._examples())
         if self._capture.active:
-            self._update_factors(t)
+            self._update_factors(t)  # overlaps the gradient all-reduce
+        if finish_grads is not None:
+            finish_grads()
+        bad = self._nonfinite_grads()
         every = int(_resolve(self.inverse_every, t))
-        missing = any("A" in self.state[lay.weight] and "QA" not in self.state[lay.weight]
+        missing = any("A" in self.state[lay.weight] and not self._has_basis(lay, "A")
                       for lay in self._layers)
         if t % every == 0 or missing:
             self._decompose(t)
@@ -369,6 +401,7 @@ class KFAC(torch.optim.Optimizer):
             layer.clear()
         self._n_examples: Optional[float] = None
         self._fisher_ready = False
+        self._pending_factors = None
         self._ekfac_rows: dict[int, tuple[Tensor, list, Optional[tuple]]] = {}
         every = int(_resolve(self.factor_every, self._step))
         self._capture.active = self._step % every == 0
@@ -419,16 +452,16 @@ class KFAC(torch.optim.Optimizer):
         g = last.grad.reshape(last.grad.shape[0], -1) if last.grad.dim() > 1 else last.grad[:, None]
         return float((g != 0).any(1).sum())
 
-    def _update_factors(self, t: int) -> None:
-        """Moving averages of A and G for every layer that was captured (step 2)."""
+    def _factor_statistics(self, t: int) -> list[tuple]:
+        """This process's statistics: per captured layer ``(layer, state, A stat or None when its
+        constant input did not change, G stat, signature, records, G rows)``."""
         fisher = self.fisher_type == "true" and self._fisher_ready
         if self.fisher_type == "true" and not self._fisher_ready:
             self._warn("fisher", "fisher_type='true' but set_outputs(...) was not called before "
                                  "backward; falling back to the empirical Fisher")
         n = self._examples()
         if not n:
-            return
-        decay = float(_resolve(self.factor_decay, t))
+            return []
         pending = []
         for layer in self._layers:
             recs = layer.used_records()
@@ -452,8 +485,49 @@ class KFAC(torch.optim.Optimizer):
                 ta = torch.zeros(layer.a_size, layer.a_size, dtype=w.dtype, device=w.device)
                 layer.a_statistic(ta, recs)
             pending.append((layer, st, ta, tg, sig, recs, g_rows))
+        return pending
+
+    def _launch_factors(self, t: int) -> tuple[dict[int, tuple], Any]:
+        """Distributed: forms the local statistics and launches their weighted all-reduce."""
+        local = {id(e[0]): e for e in self._factor_statistics(t)}
+        n = self._examples() or 0.0
+        stats: list[Optional[LocalStatistics]] = []
+        for layer in self._layers:
+            e = local.get(id(layer))
+            stats.append(None if e is None else LocalStatistics(
+                e[2], float(layer.a_count(e[5])), e[3], n,
+                functools.partial(self._a_statistic, layer, e[5])))
+        templates = [((lay.a_size, lay.a_size), (lay.g_size, lay.g_size), lay.weight.dtype,
+                      lay.weight.device) for lay in self._layers]
+        return local, self._dist.average_factors(stats, templates)
+
+    def _a_statistic(self, layer: KFACLayer, recs: list) -> Tensor:
+        w = layer.weight
+        ta = torch.zeros(layer.a_size, layer.a_size, dtype=w.dtype, device=w.device)
+        layer.a_statistic(ta, recs)
+        return ta
+
+    def _averaged_statistics(self, t: int) -> list[tuple]:
+        """Distributed: the statistics averaged over every rank, as :meth:`_factor_statistics`
+        lays them out (a layer this rank did not capture has no signature, records or rows)."""
+        local, pending = self._pending_factors or self._launch_factors(t)
+        self._pending_factors = None
+        out = []
+        for layer, r in zip(self._layers, pending.wait()):
+            if r is not None:
+                sig, recs, g_rows = local[id(layer)][4:] if id(layer) in local else (None,) * 3
+                out.append((layer, self.state[layer.weight], r[0], r[1], sig, recs, g_rows))
+        return out
+
+    def _update_factors(self, t: int) -> None:
+        """Moving averages of A and G for every layer that was captured (step 2)."""
+        if self._dist is not None:
+            pending = self._averaged_statistics(t)
+        else:
+            pending = self._factor_statistics(t)
         if not pending:
             return
+        decay = float(_resolve(self.factor_decay, t))
         stats = [[tg] if ta is None else [tg, ta] for (_, _, ta, tg, *_rest) in pending]
         finite = iter(_all_finite([t for group in stats for t in group]))
         flags = [all([next(finite) for _ in group]) for group in stats]
@@ -517,7 +591,7 @@ class KFAC(torch.optim.Optimizer):
             if "A" not in st:
                 continue
             for key in ("A", "G"):
-                if st[f"{key}_dirty"] or f"Q{key}" not in st:
+                if st[f"{key}_dirty"] or not self._has_basis(layer, key):
                     slots.append((layer, st, key))
                     mats.append(st[key])
                     q = st.get(f"Q{key}")
@@ -526,8 +600,17 @@ class KFAC(torch.optim.Optimizer):
                                            device=st[key].device))
         if not mats:
             return
-        res = self._eigh(mats, prevs if self.eigh.warm_start else None)
+        warm = prevs if self.eigh.warm_start else None
+        if self._dist is not None:  # split across ranks; REMOTE: another rank owns it
+            units = [self._layers.index(layer) for layer, _, _ in slots]
+            res = self._dist.decompose(mats, warm, units, self._eigh)
+        else:
+            res = self._eigh(mats, warm)
         for (layer, st, key), r in zip(slots, res):
+            if r is REMOTE:
+                st[f"{key}_dirty"] = False
+                st[f"{key}_remote"] = True
+                continue
             if r is None:
                 self._warn(None, f"eigendecomposition of {key} of layer '{layer.name}' failed, "
                                  "also in float64; keeping its previous eigenbasis")
@@ -536,6 +619,12 @@ class KFAC(torch.optim.Optimizer):
             st[f"Q{key}"] = r[1].contiguous()
             st[f"{key}_dirty"] = False
             st["basis_step"] = t
+
+    def _has_basis(self, layer: KFACLayer, key: str) -> bool:
+        """Whether factor ``key``'s eigenbasis exists here or (broadcast="gradients") on its
+        owner."""
+        st = self.state[layer.weight]
+        return f"Q{key}" in st or bool(st.get(f"{key}_remote"))
 
     def _update_ekfac(self, t: int) -> None:
         decay = float(_resolve(self.factor_decay, t))
@@ -577,10 +666,15 @@ class KFAC(torch.optim.Optimizer):
         matrix, preconditioned matrix)."""
         batch: dict[float, list] = {}
         done: list[tuple[KFACLayer, Tensor, Tensor, float]] = []
-        for layer in self._layers:
+        # broadcast="gradients": each layer with factors is preconditioned by its owner only.
+        shared = self._dist is not None and self._dist.options.broadcast == "gradients"
+        cands: list[tuple[int, KFACLayer, Tensor]] = []
+        for i, layer in enumerate(self._layers):
             st = self.state[layer.weight]
-            if (not layer.fired or not layer.has_grad() or id(layer.weight) in bad
-                    or "QA" not in st or "QG" not in st):
+            if not layer.fired or not layer.has_grad() or id(layer.weight) in bad:
+                continue
+            mine = "QA" in st and "QG" in st and (not shared or self._dist.owns(i))
+            if not mine and not (shared and "A" in st):
                 continue
             group = groups[id(layer.weight)]
             g = layer.grad_matrix()
@@ -588,6 +682,10 @@ class KFAC(torch.optim.Optimizer):
             if wd:
                 g = g + wd * layer.param_matrix()
             damping = float(_resolve(group["damping"], t))
+            if shared:
+                cands.append((i, layer, g))
+                if not mine:
+                    continue
             if self.ekfac and "S" in st:
                 v = ekfac_precondition(g, st["QA"], st["QG"], st["S"], damping)
                 done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
@@ -599,6 +697,12 @@ class KFAC(torch.optim.Optimizer):
                                   [s["lamG"] for *_, s in items], damping)
             for (layer, g, _), v in zip(items, vs):
                 done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
+        if shared and cands:
+            local = {self._layers.index(layer): v for layer, _, v, _ in done}
+            vs = self._dist.share_preconditioned([i for i, _, _ in cands],
+                                                 [g for _, _, g in cands], local)
+            done = [(layer, g, v, self._lr_of(groups, layer.weight, t))
+                    for (_, layer, g), v in zip(cands, vs) if v is not None]
         if not done:
             return {}, []
         kl = _resolve(self.param_groups[0]["kl_clip"], t)

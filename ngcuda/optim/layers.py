@@ -226,6 +226,10 @@ class KFACLayer:
     def a_inputs_finite(self, recs: list[_Record]) -> list[Tensor]:
         return [r.x for r in recs]
 
+    def a_count(self, recs: list[_Record]) -> int:
+        """Rows behind the A statistic (its weight when ranks average their statistics)."""
+        return sum(r.x.numel() // self.d_in for r in recs)
+
     def grad_rows(self, recs: list[_Record], fisher: bool) -> Optional[Tensor]:
         """Output-gradient rows [R, d_out] of the captured calls (sampled or from the loss)."""
         gs = [(r.fgrad if fisher else r.grad) for r in recs]
@@ -368,6 +372,9 @@ class GCNLayer(KFACLayer):
                                       self.bias is not None)
             seen += rows
         assert seen == total
+
+    def a_count(self, recs: list[_Record]) -> int:
+        return sum(r.x.shape[0] for r in recs)
 
     def a_rows(self, recs: list[_Record]) -> Tensor:
         from ..reference import sparse_aggregate
