@@ -38,6 +38,7 @@ from .damping import (LMConfig, damped_curvature_energy, ekfac_precondition, ekf
                       kl_clip_scale, lm_update)
 from .fisher import FISHER_TYPES, normalize_likelihood, row_weights, sampled_nll
 from .layers import CaptureState, KFACLayer, LayerInfo, discover
+from .structure import Full, LayerShape, choose_structure, parse_structure
 
 __all__ = ["KFAC", "EighOptions", "KFACWarning"]
 
@@ -136,6 +137,12 @@ class KFAC(torch.optim.Optimizer):
             preconditioned gradient, then ``base_optimizer.step()`` runs with its own lr / decay.
         eigh: :class:`EighOptions`.
         seed: seed of the generator that samples true-Fisher targets (saved in the state dict).
+        factor_structure: structure of each layer's input factor A (see
+            :mod:`ngcuda.optim.structure`): ``"auto"`` (default), ``"full"``, ``"block:k"``,
+            ``"lowrank:r"``, ``"diag"``, or a dict layer name → one of these (unnamed layers:
+            ``"auto"``). ``"auto"`` decides at a layer's first factor update, from its shape.
+        factor_budget: the automatic choice's budget: a layer's extra K-FAC work per step at most
+            this many times its own forward+backward work.
 
     Every hyperparameter in the param groups (lr, momentum, weight_decay, damping, kl_clip) and
     ``factor_decay``/``factor_every``/``inverse_every`` may be a float or a callable of the step.
@@ -161,6 +168,8 @@ class KFAC(torch.optim.Optimizer):
         base_optimizer: Optional[torch.optim.Optimizer] = None,
         eigh: EighOptions = EighOptions(),
         seed: int = 0,
+        factor_structure: Union[str, dict[str, str]] = "auto",
+        factor_budget: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -211,6 +220,8 @@ class KFAC(torch.optim.Optimizer):
             warnings.warn(
                 f"ngcuda.KFAC: {len(plain)} parameter(s) belong to no supported layer and get the "
                 f"plain (unpreconditioned) update: {', '.join(plain)}", KFACWarning, stacklevel=2)
+        self.factor_budget = float(factor_budget)
+        self._structures = self._configure_structures(factor_structure)
         for layer in self._layers:
             layer.attach()
         self._step = 0
@@ -221,7 +232,7 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------- public
     def layers(self) -> list[LayerInfo]:
         """Registered layers: name, kind, factor sizes and the parameters they cover."""
-        return [layer.info(self._names) for layer in self._layers]
+        return [layer.info(self._names, self._structure_name(layer)) for layer in self._layers]
 
     @property
     def steps(self) -> int:
@@ -288,7 +299,8 @@ class KFAC(torch.optim.Optimizer):
         if self._capture.active:
             self._update_factors(t)
         every = int(_resolve(self.inverse_every, t))
-        missing = any("A" in self.state[lay.weight] and "QA" not in self.state[lay.weight]
+        missing = any("A" in self.state[lay.weight]
+                      and not self._structure(lay).ready(self.state[lay.weight])
                       for lay in self._layers)
         if t % every == 0 or missing:
             self._decompose(t)
@@ -324,6 +336,8 @@ class KFAC(torch.optim.Optimizer):
         sd["kfac"] = {
             "step": self._step,
             "generators": {k: g.get_state() for k, g in self._generators.items()},
+            "structures": {layer.name: s.name for layer in self._layers
+                           if (s := self._structures.get(id(layer))) is not None},
         }
         if self.base_optimizer is not None:
             sd["base"] = self.base_optimizer.state_dict()
@@ -341,12 +355,58 @@ class KFAC(torch.optim.Optimizer):
             if self.base_optimizer is None:
                 raise ValueError("state_dict holds a base optimizer state but this KFAC has none")
             self.base_optimizer.load_state_dict(base)
-        for layer in self._layers:
+        saved = extra.get("structures", {})
+        for i, layer in enumerate(self._layers):
             layer.a_signature = None
             layer.ekfac_cache = None
+            if layer.name in saved:  # the factors are stored in that structure's form
+                self._structures[id(layer)] = parse_structure(saved[layer.name], self.seed + i)
         self._reset_step_state()
 
     # ---------------------------------------------------------------------------- internals
+    def _configure_structures(self, spec: Union[str, dict[str, str]]) -> dict[int, Any]:
+        """id(layer) → its structure, or None for "auto" (chosen at the layer's first update)."""
+        names = {layer.name for layer in self._layers}
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - names)
+            if unknown:
+                raise ValueError(f"factor_structure names unknown layer(s) {', '.join(unknown)}; "
+                                 f"registered: {', '.join(sorted(names))}")
+            per = {layer.name: spec.get(layer.name, "auto") for layer in self._layers}
+        elif isinstance(spec, str):
+            per = {layer.name: spec for layer in self._layers}
+        else:
+            raise TypeError("factor_structure must be a string or a dict name -> string")
+        out: dict[int, Any] = {}
+        for i, layer in enumerate(self._layers):
+            text = per[layer.name]
+            out[id(layer)] = None if text == "auto" else parse_structure(text, self.seed + i)
+            if self.ekfac and out[id(layer)] is not None and not out[id(layer)].batched:
+                self._warn(None, f"ekfac=True applies to full factors only; layer "
+                                 f"'{layer.name}' ({text}) gets plain K-FAC scaling")
+        return out
+
+    def _structure(self, layer: KFACLayer, sources: Optional[list] = None) -> Any:
+        """The layer's factor structure; "auto" is resolved from the first rows it sees."""
+        s = self._structures.get(id(layer))
+        if s is None:
+            if sources is None:
+                return Full()  # not updated yet: nothing is stored, full is the neutral answer
+            src = sources[0]
+            shape = LayerShape(D=layer.a_size, d_out=layer.g_size,
+                               rows=sum(x.rows for x in sources),
+                               nnz_x=sum(x.nnz() for x in sources), sparse_x=src.x.layout != torch.strided,
+                               nnz_adj=sum(x.adj_nnz() for x in sources))
+            s = choose_structure(shape, int(_resolve(self.factor_every, self._step)),
+                                 int(_resolve(self.inverse_every, self._step)),
+                                 self.factor_budget, self.seed + self._layers.index(layer))
+            self._structures[id(layer)] = s
+        return s
+
+    def _structure_name(self, layer: KFACLayer) -> str:
+        s = self._structures.get(id(layer))
+        return "auto" if s is None else s.name
+
     def _warn(self, key: Optional[str], msg: str) -> None:
         if key is not None:
             if key in self._warned:
@@ -449,12 +509,13 @@ class KFAC(torch.optim.Optimizer):
             sig = layer.signature(recs)
             ta = None
             if not ("A" in st and st["A_pure"] and _same_signature(sig, layer.a_signature)):
-                ta = torch.zeros(layer.a_size, layer.a_size, dtype=w.dtype, device=w.device)
-                layer.a_statistic(ta, recs)
+                sources = layer.row_sources(recs)
+                struct = self._structure(layer, sources)
+                ta = struct.statistic(sources, st, w.dtype, w.device)
             pending.append((layer, st, ta, tg, sig, recs, g_rows))
         if not pending:
             return
-        stats = [[tg] if ta is None else [tg, ta] for (_, _, ta, tg, *_rest) in pending]
+        stats = [[tg] if ta is None else [tg, *ta] for (_, _, ta, tg, *_rest) in pending]
         finite = iter(_all_finite([t for group in stats for t in group]))
         flags = [all([next(finite) for _ in group]) for group in stats]
         for (layer, st, ta, tg, sig, recs, g_rows), ok in zip(pending, flags):
@@ -463,17 +524,20 @@ class KFAC(torch.optim.Optimizer):
                                  "activations or gradients); its factors are left unchanged")
                 continue
             first = "A" not in st
+            struct = self._structure(layer)
             if first:
-                st["A"], st["G"] = ta, tg
+                struct.blend(st, ta, decay, True)
+                st["G"] = tg
+                st["A_structure"] = struct.name
                 st["A_pure"] = True
                 st["A_dirty"] = st["G_dirty"] = True
                 st["factor_updates"] = 1
             else:
                 if ta is not None:
-                    if st["A_pure"] and torch.equal(ta, st["A"]):
+                    if st["A_pure"] and struct.same(st, ta):
                         pass  # the same constant input again: the average is unchanged
                     else:
-                        st["A"].mul_(decay).add_(ta, alpha=1.0 - decay)
+                        struct.blend(st, ta, decay, False)
                         st["A_pure"] = decay == 0.0
                         st["A_dirty"] = True
                 st["G"].mul_(decay).add_(tg, alpha=1.0 - decay)
@@ -511,29 +575,38 @@ class KFAC(torch.optim.Optimizer):
 
     def _decompose(self, t: int) -> None:
         """Step 3: eigendecompose every factor that changed since its last decomposition."""
+        # Each slot is (layer, st, key, number of matrices): G is one matrix, A as many as its
+        # structure asks for (a full factor: 1, block-diagonal: one per block, diag: none).
         slots, mats, prevs = [], [], []
         for layer in self._layers:
             st = self.state[layer.weight]
             if "A" not in st:
                 continue
-            for key in ("A", "G"):
-                if st[f"{key}_dirty"] or f"Q{key}" not in st:
-                    slots.append((layer, st, key))
-                    mats.append(st[key])
-                    q = st.get(f"Q{key}")
-                    prevs.append(q if q is not None else
-                                 torch.eye(st[key].shape[0], dtype=st[key].dtype,
-                                           device=st[key].device))
-        if not mats:
-            return
-        res = self._eigh(mats, prevs if self.eigh.warm_start else None)
-        for (layer, st, key), r in zip(slots, res):
-            if r is None:
+            struct = self._structure(layer)
+            if st["A_dirty"] or not struct.ready(st):
+                items = struct.eigh_items(st)
+                slots.append((layer, st, "A", len(items)))
+                mats += [m for m, _ in items]
+                prevs += [q for _, q in items]
+            if st["G_dirty"] or "QG" not in st:
+                slots.append((layer, st, "G", 1))
+                mats.append(st["G"])
+                q = st.get("QG")
+                prevs.append(q if q is not None else torch.eye(
+                    st["G"].shape[0], dtype=st["G"].dtype, device=st["G"].device))
+        res = self._eigh(mats, prevs if self.eigh.warm_start else None) if mats else []
+        at = 0
+        for layer, st, key, count in slots:
+            r, at = res[at:at + count], at + count
+            if any(x is None for x in r):
                 self._warn(None, f"eigendecomposition of {key} of layer '{layer.name}' failed, "
                                  "also in float64; keeping its previous eigenbasis")
                 continue
-            st[f"lam{key}"] = r[0].clamp(min=0.0)
-            st[f"Q{key}"] = r[1].contiguous()
+            if key == "A":
+                self._structure(layer).take_eigh(st, r)
+            else:
+                st["lamG"] = r[0][0].clamp(min=0.0)
+                st["QG"] = r[0][1].contiguous()
             st[f"{key}_dirty"] = False
             st["basis_step"] = t
 
@@ -542,8 +615,9 @@ class KFAC(torch.optim.Optimizer):
         for layer in self._layers:
             item = self._ekfac_rows.get(id(layer))
             st = self.state[layer.weight]
-            if item is None or "QA" not in st or "QG" not in st:
-                continue
+            if item is None or "QA" not in st or "QG" not in st or \
+                    not self._structure(layer).batched:
+                continue  # EKFAC scales need the full eigenbasis of A
             g_rows, recs, sig = item
             QA = st["QA"]
             cache = layer.ekfac_cache
@@ -579,8 +653,9 @@ class KFAC(torch.optim.Optimizer):
         done: list[tuple[KFACLayer, Tensor, Tensor, float]] = []
         for layer in self._layers:
             st = self.state[layer.weight]
+            struct = self._structure(layer)
             if (not layer.fired or not layer.has_grad() or id(layer.weight) in bad
-                    or "QA" not in st or "QG" not in st):
+                    or "A" not in st or not struct.ready(st) or "QG" not in st):
                 continue
             group = groups[id(layer.weight)]
             g = layer.grad_matrix()
@@ -588,8 +663,11 @@ class KFAC(torch.optim.Optimizer):
             if wd:
                 g = g + wd * layer.param_matrix()
             damping = float(_resolve(group["damping"], t))
-            if self.ekfac and "S" in st:
+            if self.ekfac and "S" in st and struct.batched:
                 v = ekfac_precondition(g, st["QA"], st["QG"], st["S"], damping)
+                done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
+            elif not struct.batched:
+                v = struct.precondition(g, st, st["QG"], st["lamG"], damping)
                 done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
             else:
                 batch.setdefault(damping, []).append((layer, g.contiguous(), st))
@@ -681,6 +759,11 @@ class KFAC(torch.optim.Optimizer):
                 d = p.detach() - before[id(p)][0]
                 mats.append(d.reshape(layer.d_out, -1))
             delta = torch.cat(mats, 1)
+            struct = self._structure(layer)
+            if not struct.batched:  # δᵀ(A⊗G)δ = Σ (G δ) ∘ (δ A)
+                gd = st["QG"] @ (st["lamG"][:, None] * (st["QG"].T @ delta))
+                quad += (gd * struct.right_apply(st, delta)).sum().double().cpu()
+                continue
             quad += damped_curvature_energy(delta, st["QA"], st["lamA"], st["QG"], st["lamG"],
                                             0.0, st.get("S") if self.ekfac else None
                                             ).double().cpu()
