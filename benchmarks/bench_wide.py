@@ -115,8 +115,11 @@ def _run_child(graph: str, structure: str, args: argparse.Namespace) -> dict:
             f"from benchmarks.bench_wide import _worker; "
             f"print(json.dumps(_worker({graph!r}, {structure!r}, {str(args.data_root)!r}, "
             f"{args.warmup}, {args.steps})))")
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=args.timeout)
+                         timeout=args.timeout, env=env)
     if out.returncode != 0:
         return {"graph": graph, "structure": structure, "error": out.stderr[-800:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -177,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--force", action="store_true", help="also run the hopeless configurations")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in each child (0: torch's default); 1 avoids OpenMP "
+                    "spin-waits when the machine is oversubscribed")
     ap.add_argument("--device", default="cpu", choices=("cpu",))
     ap.add_argument("--out", "--json", dest="out", default=str(RESULTS / "cpu-wide.json"),
                     help="JSON path ('-' writes nothing)")
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "peak_mib"])
     load = os.getloadavg()
     result = {"benchmark": "wide", "quick": args.quick, "environment": environment("cpu"),
+              "child_threads": args.threads or "torch default",
               "load_average_1_5_15": load,
               "note": "measured on a shared 2-core machine; see load_average",
               "workload": __doc__.split("Workload:")[1].split("Each (graph")[0].strip(),
