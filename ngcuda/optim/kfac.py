@@ -12,6 +12,12 @@ One step, top-down (:meth:`KFAC.step`):
 4. **Preconditioning** every step: ONE :func:`ngcuda.ops.precondition` call over all layers gives
    ``(A⊗G + γI)⁻¹ vec(g + η θ)``; then KL clipping, momentum (or the base optimizer), update.
 
+Each layer's ``A`` has a structure (:mod:`ngcuda.optim.structure`: ``full``, ``block:k``,
+``lowrank:r``, ``diag``; chosen automatically under a cost budget by default). Steps 2–4 dispatch
+through it: it computes its statistic from the layer's rows (:mod:`ngcuda.optim.rows`, sparse CSR
+inputs included), blends it, adds its matrices to the one ``batched_eigh`` call and preconditions
+its layer; ``full`` layers keep the batched ``ops.precondition`` call.
+
 Scaling (documented choice). The loss is a mean over ``n`` examples (labelled nodes), so the
 per-example output gradient is ``ĝ_i = n·∂L/∂z_i``. ``G = Σ_i ĝ_i ĝ_iᵀ / n`` sums over every row of
 the layer output (for inner GCN layers these include the unlabelled neighbours that ``Â`` couples
