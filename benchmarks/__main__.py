@@ -10,6 +10,7 @@ BENCHMARKS = {
     "eigh": "benchmarks.bench_eigh",
     "step": "benchmarks.bench_step",
     "wide": "benchmarks.bench_wide",
+    "sparse-x": "benchmarks.bench_sparse_x",
 }
 
 
