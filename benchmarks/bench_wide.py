@@ -12,7 +12,7 @@ Each (graph, structure) runs in a fresh process: the structure's warm-up first, 
 resident memory (``ru_maxrss``) is reported (``extra_mib``: less the Adam-only process's peak on
 the same graph), then Adam steps and the structure's steps interleaved one by one in the same
 process; ``ratio_vs_adam`` is the ratio of their medians. Configurations whose
-estimated per-step cost is hopeless (``full`` or ``block`` on the Coauthor graphs) are skipped
+estimated per-step cost is hopeless (``full`` on the Coauthor graphs) are skipped
 with their estimate, unless ``--force``.
 """
 from __future__ import annotations
@@ -35,8 +35,7 @@ from benchmarks.common import RESULTS, environment, print_table, write_json  # n
 GRAPHS = ("cora", "citeseer", "coauthor-cs", "coauthor-physics")
 STRUCTURES = ("auto", "full", "block:256", "lowrank:64", "diag")
 # Skipped unless --force: estimated at minutes per step on these 2 cores (see `est_step_s`).
-HOPELESS = {("coauthor-cs", "full"), ("coauthor-physics", "full"),
-            ("coauthor-cs", "block:256"), ("coauthor-physics", "block:256")}
+HOPELESS = {("coauthor-cs", "full"), ("coauthor-physics", "full")}
 
 
 def _worker(graph: str, structure: str, data_root: str, warmup: int, steps: int) -> dict:

@@ -15,10 +15,9 @@ the structures of :mod:`ngcuda.optim.structure` only need
 * :meth:`RowSource.diag`: ``diag(A)``;
 * :meth:`RowSource.full`: the dense ``D × D`` statistic (the ``full`` structure).
 
-SWAP POINT for the sparse-x C++ ops: :func:`full_statistic_`, :func:`block_statistics` and the
-``sparse`` branches below are the only places that compute statistics of a sparse ``X``. When
-``ops.factor_update_`` / ``ops.sparse_factor_update_`` accept a CSR ``x`` and the block-diagonal
-factor-update op exists, those two functions call them instead of the torch.sparse products here.
+The dense statistics (:func:`full_statistic_`, :func:`block_statistics`) are the C++ ops, which
+take a dense or sparse CSR ``x`` (``factor_update_``, ``sparse_factor_update_`` and their block
+versions); the products of :meth:`RowSource.apply` are sparse × dense (:func:`spmm`).
 """
 from __future__ import annotations
 
@@ -150,31 +149,6 @@ class RowSource:
         """``X̄ᵀ X̄ V`` (a sum over rows, not yet divided by R) for V [D, p]."""
         return self._backward(self._forward(v.to(self.x.dtype))).to(v.dtype)
 
-    def dense_columns(self, j0: int, j1: int) -> Tensor:
-        """Columns ``j0:j1`` of ``X̄`` as a dense [R, j1 − j0] block (one block at a time)."""
-        d = self.d
-        hi = min(j1, d)
-        x = self.x
-        if j0 >= hi:
-            cols = torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
-        elif is_csr(x):
-            xt = csr_transpose(x)
-            crow = xt.crow_indices()
-            p0, p1 = int(crow[j0]), int(crow[hi])
-            rows = torch.repeat_interleave(torch.arange(hi - j0, device=x.device),
-                                           crow[j0 + 1: hi + 1] - crow[j0:hi])
-            cols_t = torch.zeros(hi - j0, x.shape[0], dtype=x.dtype, device=x.device)
-            cols_t[rows, xt.col_indices()[p0:p1]] = xt.values()[p0:p1]
-            cols = cols_t.T
-        else:
-            cols = x[:, j0:hi]
-        if self.adj is not None:
-            cols = spmm(self.adj, cols)
-        if self.bias and j1 > d:
-            cols = torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype,
-                                               device=cols.device)], 1)
-        return cols
-
     def diag(self) -> Tensor:
         """``diag(X̄ᵀX̄)`` [D] (a sum over rows)."""
         x = self.x
@@ -192,47 +166,46 @@ class RowSource:
         return out
 
 
-def full_statistic_(out: Tensor, sources: Sequence[RowSource]) -> Tensor:
-    """``out ← mean ā āᵀ`` over every row of every source; out [D, D].
-
-    Dense inputs go to the C++ ops (``factor_update_`` / ``sparse_factor_update_``). A sparse X
-    is expanded one column block at a time (SWAP POINT: the sparse-x ops).
-    """
+def _blend_sources(sources: Sequence[RowSource], update) -> None:
+    """Runs ``update(source, decay)`` per source with the decay that makes the result the mean
+    over all rows of all sources (the first replaces, decay 0)."""
     seen = 0
     for s in sources:
         rows = s.rows
-        decay = seen / (seen + rows) if seen else 0.0
-        if not is_csr(s.x):
-            if s.adj is None:
-                ops.factor_update_(out, s.x, decay, s.bias)
-            else:
-                a = s.adj
-                value = a.values()
-                ops.sparse_factor_update_(out, a.crow_indices(), a.col_indices(), value, s.x,
-                                          decay, s.bias)
-        else:
-            gram = torch.empty_like(out)
-            b = block_bounds(s.size, 512)
-            for j0, j1 in zip(b[:-1], b[1:]):
-                # columns J of X̄ (aggregated), then X̄ᵀ X̄_J: column block J of the Gram matrix
-                cols = s.dense_columns(j0, j1)
-                gram[:, j0:j1] = s._backward(cols).to(out.dtype)
-            out.mul_(decay).add_(gram, alpha=(1.0 - decay) / rows)
+        update(s, seen / (seen + rows) if seen else 0.0)
         seen += rows
+
+
+def full_statistic_(out: Tensor, sources: Sequence[RowSource]) -> Tensor:
+    """``out ← mean ā āᵀ`` over every row of every source; out [D, D], by the C++ ops, dense or
+    sparse CSR x (a CSR x is never densified; ``ÂX`` never formed)."""
+    def update(s: RowSource, decay: float) -> None:
+        if s.adj is None:
+            ops.factor_update_(out, s.x, decay, s.bias)
+        else:
+            a = s.adj
+            ops.sparse_factor_update_(out, a.crow_indices(), a.col_indices(), a.values(), s.x,
+                                      decay, s.bias)
+
+    _blend_sources(sources, update)
     return out
 
 
 def block_statistics(sources: Sequence[RowSource], bounds: Sequence[int],
                      dtype: torch.dtype) -> list[Tensor]:
     """The diagonal blocks ``mean_i ā_{i,J} ā_{i,J}ᵀ`` of the partition ``bounds``, each
-    [b_{j+1} − b_j]², without the off-diagonal blocks (SWAP POINT: the block factor op)."""
-    total = float(sum(s.rows for s in sources))
-    out: list[Tensor] = []
-    for j0, j1 in zip(bounds[:-1], bounds[1:]):
-        acc = None
-        for s in sources:
-            c = s.dense_columns(j0, j1).to(dtype)
-            g = c.T @ c
-            acc = g if acc is None else acc.add_(g)
-        out.append(acc.div_(total))
-    return out
+    [b_{j+1} − b_j]², by the block factor ops: the off-diagonal blocks are never computed."""
+    device = sources[0].x.device
+    blocks = [torch.zeros(j1 - j0, j1 - j0, dtype=dtype, device=device)
+              for j0, j1 in zip(bounds[:-1], bounds[1:])]
+
+    def update(s: RowSource, decay: float) -> None:
+        if s.adj is None:
+            ops.block_factor_update_(blocks, s.x, decay, s.bias)
+        else:
+            a = s.adj
+            ops.sparse_block_factor_update_(blocks, a.crow_indices(), a.col_indices(),
+                                            a.values(), s.x, decay, s.bias)
+
+    _blend_sources(sources, update)
+    return blocks
