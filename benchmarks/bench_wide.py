@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(base)
         for s in structures:
             if (graph, s) in HOPELESS and not args.force:
-                rows.append({"graph": graph, "structure": s, "skipped": True, **_estimate(graph, s)})
+                rows.append({"graph": graph, "structure": s, "skipped": True,
+                             **_estimate(graph, s)})
                 continue
             r = _run_child(graph, s, args)
             if "peak_mib" in r and "peak_mib" in base:

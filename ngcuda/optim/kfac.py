@@ -401,7 +401,8 @@ class KFAC(torch.optim.Optimizer):
             src = sources[0]
             shape = LayerShape(D=layer.a_size, d_out=layer.g_size,
                                rows=sum(x.rows for x in sources),
-                               nnz_x=sum(x.nnz() for x in sources), sparse_x=src.x.layout != torch.strided,
+                               nnz_x=sum(x.nnz() for x in sources),
+                               sparse_x=src.x.layout != torch.strided,
                                nnz_adj=sum(x.adj_nnz() for x in sources))
             s = choose_structure(shape, int(_resolve(self.factor_every, self._step)),
                                  int(_resolve(self.inverse_every, self._step)),
