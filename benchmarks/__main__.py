@@ -9,6 +9,7 @@ BENCHMARKS = {
     "precondition": "benchmarks.bench_precondition",
     "eigh": "benchmarks.bench_eigh",
     "step": "benchmarks.bench_step",
+    "wide": "benchmarks.bench_wide",
     "sparse-x": "benchmarks.bench_sparse_x",
 }
 

@@ -103,6 +103,29 @@ def _init_distributed(parser: argparse.ArgumentParser, device_name: str, timeout
     return dist.get_rank(), dist.get_world_size()
 
 
+def _factor_structure(text: str) -> str | dict[str, str]:
+    """'lowrank:64' -> 'lowrank:64'; 'conv1=diag,conv2=full' -> {'conv1': 'diag', 'conv2': 'full'}."""
+    from .optim.structure import parse_structure
+
+    def check(spec: str) -> str:
+        if spec.strip().lower() != "auto":
+            try:
+                parse_structure(spec)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return spec.strip().lower()
+
+    if "=" not in text:
+        return check(text)
+    out = {}
+    for part in text.split(","):
+        name, sep, spec = part.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected LAYER=STRUCTURE pairs, got {part!r}")
+        out[name.strip()] = check(spec)
+    return out
+
+
 def _optimizers(text: str) -> list[str]:
     from .train.optimizers import parse_optimizers
 
@@ -136,6 +159,9 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     g.add_argument("--inverse-every", type=_positive_int, default=None,
                    help="K-FAC: steps between eigendecompositions")
     g.add_argument("--kl-clip", type=_positive_float, default=None, help="K-FAC KL clipping bound")
+    g.add_argument("--factor-structure", type=_factor_structure, default=None, metavar="S",
+                   help="K-FAC input-factor structure of every layer: auto (default), full, block:K, "
+                   "lowrank:R or diag; or per layer: conv1=lowrank:64,conv2=full (others auto)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default runs/<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -269,7 +295,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
         lr=args.lr, momentum=args.momentum, weight_decay=5e-4 if args.weight_decay is None else args.weight_decay,
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
         inverse_every=args.inverse_every,
-        kl_clip=args.kl_clip, task="gnn",
+        kl_clip=args.kl_clip, factor_structure=args.factor_structure, task="gnn",
     )
     split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
     try:
@@ -356,7 +382,7 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         lr=args.lr, momentum=args.momentum, weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
         inverse_every=args.inverse_every,
-        kl_clip=args.kl_clip, task="ae",
+        kl_clip=args.kl_clip, factor_structure=args.factor_structure, task="ae",
     )
     source = "shipped 10k test set (8000/2000)" if args.data_root is None else str(args.data_root)
     if not args.quiet:

@@ -44,6 +44,22 @@ def test_precondition_quick_json(tmp_path):
     assert all(_finite_positive(r["speedup"]) for r in data["results"])
 
 
+def test_wide_quick_json(tmp_path):
+    from benchmarks import bench_wide
+
+    out = tmp_path / "wide.json"
+    bench_wide.main(["--quick", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "wide" and data["quick"] is True
+    rows = {r["structure"]: r for r in data["results"]}
+    assert set(rows) == {"adam", "auto", "diag"}
+    for name, r in rows.items():
+        assert _finite_positive(r["step_ms"]) and _finite_positive(r["peak_mib"]), r
+    assert _finite_positive(rows["auto"]["ratio_vs_adam"])
+    assert any("diag" in line for line in rows["diag"]["layers"])
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
 def test_unknown_benchmark_is_an_error(capsys):
     assert bench_main.main(["nope"]) == 2
     assert "benchmarks:" in capsys.readouterr().out

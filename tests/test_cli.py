@@ -45,6 +45,9 @@ def one_thread():
         (["train", "--dataset", "amazon-photo", "--split", "public"], "only the random split"),
         (["train", "--model", "deep-gcn", "--layers", "1", "--optimizers", "adam"], "at least 2"),
         (["train-ae", "--batch-size", "x"], "positive integer"),
+        (["train", "--factor-structure", "lowrank"], "unknown factor structure"),
+        (["train", "--factor-structure", "conv1:diag,conv2"], "unknown factor structure"),
+        (["train", "--factor-structure", "=diag"], "LAYER=STRUCTURE"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -132,6 +135,21 @@ def test_train_with_kfac(tmp_path, opt):
     assert main(["train", "--optimizers", opt, "--epochs", "10", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
     hist = json.loads((out / "metrics.json").read_text())["runs"][0]["history"]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
+@pytest.mark.parametrize("spec,expected", [
+    ("lowrank:32", ["lowrank:32", "lowrank:32"]),
+    ("conv1=diag,conv2=full", ["diag", "full"]),
+    ("conv1=block:300", ["block:300", "full"]),  # conv2 unnamed: auto, which picks full
+])
+def test_train_factor_structure(tmp_path, spec, expected):
+    out = tmp_path / "fs"
+    assert main(["train", "--optimizers", "kfac", "--epochs", "3", "--device", "cpu", "--out", str(out),
+                 "--quiet", "--factor-structure", spec]) == 0
+    run = json.loads((out / "metrics.json").read_text())["runs"][0]
+    assert [line.split(" A ")[1].split()[1].rstrip(",") for line in run["kfac_layers"]] == expected
+    assert run["history"][-1]["train_loss"] < run["history"][0]["train_loss"]
 
 
 def test_python_m_ngcuda_exit_code():

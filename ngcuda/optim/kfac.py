@@ -16,6 +16,12 @@ Distributed (:mod:`.distributed`, on when a process group of more than one rank 
 and the step-2 statistics are averaged across ranks, weighted by example / row counts; step 3 is
 split across ranks; its results (or step 4's, ``broadcast="gradients"``) are broadcast.
 
+Each layer's ``A`` has a structure (:mod:`ngcuda.optim.structure`: ``full``, ``block:k``,
+``lowrank:r``, ``diag``; chosen automatically under a cost budget by default). Steps 2–4 dispatch
+through it: it computes its statistic from the layer's rows (:mod:`ngcuda.optim.rows`, sparse CSR
+inputs included), blends it, adds its matrices to the one ``batched_eigh`` call and preconditions
+its layer; ``full`` layers keep the batched ``ops.precondition`` call.
+
 Scaling (documented choice). The loss is a mean over ``n`` examples (labelled nodes), so the
 per-example output gradient is ``ĝ_i = n·∂L/∂z_i``. ``G = Σ_i ĝ_i ĝ_iᵀ / n`` sums over every row of
 the layer output (for inner GCN layers these include the unlabelled neighbours that ``Â`` couples
@@ -44,6 +50,7 @@ from .damping import (LMConfig, damped_curvature_energy, ekfac_precondition, ekf
                       kl_clip_scale, lm_update)
 from .fisher import FISHER_TYPES, normalize_likelihood, row_weights, sampled_nll
 from .layers import CaptureState, KFACLayer, LayerInfo, discover
+from .structure import Full, LayerShape, choose_structure, parse_structure
 
 __all__ = ["KFAC", "EighOptions", "KFACWarning"]
 
@@ -147,6 +154,12 @@ class KFAC(torch.optim.Optimizer):
             is initialised), True, False, or :class:`~ngcuda.optim.distributed.DistributedOptions`
             (broadcast eigenbases or preconditioned gradients, bucket size, timeout); see
             :mod:`ngcuda.optim.distributed`. World size 1 makes no collective calls.
+        factor_structure: structure of each layer's input factor A (see
+            :mod:`ngcuda.optim.structure`): ``"auto"`` (default), ``"full"``, ``"block:k"``,
+            ``"lowrank:r"``, ``"diag"``, or a dict layer name → one of these (unnamed layers:
+            ``"auto"``). ``"auto"`` decides at a layer's first factor update, from its shape.
+        factor_budget: the automatic choice's budget: a layer's extra K-FAC work per step at most
+            this many times its own forward+backward work.
 
     Every hyperparameter in the param groups (lr, momentum, weight_decay, damping, kl_clip) and
     ``factor_decay``/``factor_every``/``inverse_every`` may be a float or a callable of the step.
@@ -173,6 +186,8 @@ class KFAC(torch.optim.Optimizer):
         eigh: EighOptions = EighOptions(),
         seed: int = 0,
         distributed: Any = None,
+        factor_structure: Union[str, dict[str, str]] = "auto",
+        factor_budget: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -223,6 +238,8 @@ class KFAC(torch.optim.Optimizer):
             warnings.warn(
                 f"ngcuda.KFAC: {len(plain)} parameter(s) belong to no supported layer and get the "
                 f"plain (unpreconditioned) update: {', '.join(plain)}", KFACWarning, stacklevel=2)
+        self.factor_budget = float(factor_budget)
+        self._structures = self._configure_structures(factor_structure)
         for layer in self._layers:
             layer.attach()
         # Distributed: None when off or world size 1 (then no collective call is ever made).
@@ -233,6 +250,14 @@ class KFAC(torch.optim.Optimizer):
             if self.ekfac or self.adaptive_damping:
                 raise ValueError("ngcuda.KFAC: ekfac and adaptive_damping are not supported in "
                                  "distributed runs yet (their statistics are not averaged)")
+            # The all-reduce averages dense D×D statistics; the other structures keep theirs in
+            # other forms (sketches, blocks), which are not averaged yet.
+            structured = [lay.name for lay in self._layers
+                          if not isinstance(self._structures.get(id(lay)) or Full(), Full)]
+            if structured:
+                raise ValueError("ngcuda.KFAC: distributed runs support factor_structure='full' "
+                                 f"only; got other structures for {', '.join(structured)}")
+            self._structures = {id(lay): Full() for lay in self._layers}
             self.seed += self._dist.rank
         self._pending_factors: Optional[tuple] = None
         self._step = 0
@@ -243,7 +268,7 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------- public
     def layers(self) -> list[LayerInfo]:
         """Registered layers: name, kind, factor sizes and the parameters they cover."""
-        return [layer.info(self._names) for layer in self._layers]
+        return [layer.info(self._names, self._structure_name(layer)) for layer in self._layers]
 
     @property
     def steps(self) -> int:
@@ -356,6 +381,8 @@ class KFAC(torch.optim.Optimizer):
         sd["kfac"] = {
             "step": self._step,
             "generators": {k: g.get_state() for k, g in self._generators.items()},
+            "structures": {layer.name: s.name for layer in self._layers
+                           if (s := self._structures.get(id(layer))) is not None},
         }
         if self.base_optimizer is not None:
             sd["base"] = self.base_optimizer.state_dict()
@@ -373,12 +400,59 @@ class KFAC(torch.optim.Optimizer):
             if self.base_optimizer is None:
                 raise ValueError("state_dict holds a base optimizer state but this KFAC has none")
             self.base_optimizer.load_state_dict(base)
-        for layer in self._layers:
+        saved = extra.get("structures", {})
+        for i, layer in enumerate(self._layers):
             layer.a_signature = None
             layer.ekfac_cache = None
+            if layer.name in saved:  # the factors are stored in that structure's form
+                self._structures[id(layer)] = parse_structure(saved[layer.name], self.seed + i)
         self._reset_step_state()
 
     # ---------------------------------------------------------------------------- internals
+    def _configure_structures(self, spec: Union[str, dict[str, str]]) -> dict[int, Any]:
+        """id(layer) → its structure, or None for "auto" (chosen at the layer's first update)."""
+        names = {layer.name for layer in self._layers}
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - names)
+            if unknown:
+                raise ValueError(f"factor_structure names unknown layer(s) {', '.join(unknown)}; "
+                                 f"registered: {', '.join(sorted(names))}")
+            per = {layer.name: spec.get(layer.name, "auto") for layer in self._layers}
+        elif isinstance(spec, str):
+            per = {layer.name: spec for layer in self._layers}
+        else:
+            raise TypeError("factor_structure must be a string or a dict name -> string")
+        out: dict[int, Any] = {}
+        for i, layer in enumerate(self._layers):
+            text = per[layer.name]
+            out[id(layer)] = None if text == "auto" else parse_structure(text, self.seed + i)
+            if self.ekfac and out[id(layer)] is not None and not out[id(layer)].batched:
+                self._warn(None, f"ekfac=True applies to full factors only; layer "
+                                 f"'{layer.name}' ({text}) gets plain K-FAC scaling")
+        return out
+
+    def _structure(self, layer: KFACLayer, sources: Optional[list] = None) -> Any:
+        """The layer's factor structure; "auto" is resolved from the first rows it sees."""
+        s = self._structures.get(id(layer))
+        if s is None:
+            if sources is None:
+                return Full()  # not updated yet: nothing is stored, full is the neutral answer
+            src = sources[0]
+            shape = LayerShape(D=layer.a_size, d_out=layer.g_size,
+                               rows=sum(x.rows for x in sources),
+                               nnz_x=sum(x.nnz() for x in sources),
+                               sparse_x=src.x.layout != torch.strided,
+                               nnz_adj=sum(x.adj_nnz() for x in sources))
+            s = choose_structure(shape, int(_resolve(self.factor_every, self._step)),
+                                 int(_resolve(self.inverse_every, self._step)),
+                                 self.factor_budget, self.seed + self._layers.index(layer))
+            self._structures[id(layer)] = s
+        return s
+
+    def _structure_name(self, layer: KFACLayer) -> str:
+        s = self._structures.get(id(layer))
+        return "auto" if s is None else s.name
+
     def _warn(self, key: Optional[str], msg: str) -> None:
         if key is not None:
             if key in self._warned:
@@ -482,8 +556,9 @@ class KFAC(torch.optim.Optimizer):
             sig = layer.signature(recs)
             ta = None
             if not ("A" in st and st["A_pure"] and _same_signature(sig, layer.a_signature)):
-                ta = torch.zeros(layer.a_size, layer.a_size, dtype=w.dtype, device=w.device)
-                layer.a_statistic(ta, recs)
+                sources = layer.row_sources(recs)
+                struct = self._structure(layer, sources)
+                ta = struct.statistic(sources, st, w.dtype, w.device)
             pending.append((layer, st, ta, tg, sig, recs, g_rows))
         return pending
 
@@ -495,7 +570,7 @@ class KFAC(torch.optim.Optimizer):
         for layer in self._layers:
             e = local.get(id(layer))
             stats.append(None if e is None else LocalStatistics(
-                e[2], float(layer.a_count(e[5])), e[3], n,
+                None if e[2] is None else e[2][0], float(layer.a_count(e[5])), e[3], n,
                 functools.partial(self._a_statistic, layer, e[5])))
         templates = [((lay.a_size, lay.a_size), (lay.g_size, lay.g_size), lay.weight.dtype,
                       lay.weight.device) for lay in self._layers]
@@ -516,7 +591,8 @@ class KFAC(torch.optim.Optimizer):
         for layer, r in zip(self._layers, pending.wait()):
             if r is not None:
                 sig, recs, g_rows = local[id(layer)][4:] if id(layer) in local else (None,) * 3
-                out.append((layer, self.state[layer.weight], r[0], r[1], sig, recs, g_rows))
+                ta = None if r[0] is None else [r[0]]  # a full factor, in Full's list form
+                out.append((layer, self.state[layer.weight], ta, r[1], sig, recs, g_rows))
         return out
 
     def _update_factors(self, t: int) -> None:
@@ -528,7 +604,7 @@ class KFAC(torch.optim.Optimizer):
         if not pending:
             return
         decay = float(_resolve(self.factor_decay, t))
-        stats = [[tg] if ta is None else [tg, ta] for (_, _, ta, tg, *_rest) in pending]
+        stats = [[tg] if ta is None else [tg, *ta] for (_, _, ta, tg, *_rest) in pending]
         finite = iter(_all_finite([t for group in stats for t in group]))
         flags = [all([next(finite) for _ in group]) for group in stats]
         for (layer, st, ta, tg, sig, recs, g_rows), ok in zip(pending, flags):
@@ -537,17 +613,20 @@ class KFAC(torch.optim.Optimizer):
                                  "activations or gradients); its factors are left unchanged")
                 continue
             first = "A" not in st
+            struct = self._structure(layer)
             if first:
-                st["A"], st["G"] = ta, tg
+                struct.blend(st, ta, decay, True)
+                st["G"] = tg
+                st["A_structure"] = struct.name
                 st["A_pure"] = True
                 st["A_dirty"] = st["G_dirty"] = True
                 st["factor_updates"] = 1
             else:
                 if ta is not None:
-                    if st["A_pure"] and torch.equal(ta, st["A"]):
+                    if st["A_pure"] and struct.same(st, ta):
                         pass  # the same constant input again: the average is unchanged
                     else:
-                        st["A"].mul_(decay).add_(ta, alpha=1.0 - decay)
+                        struct.blend(st, ta, decay, False)
                         st["A_pure"] = decay == 0.0
                         st["A_dirty"] = True
                 st["G"].mul_(decay).add_(tg, alpha=1.0 - decay)
@@ -585,54 +664,69 @@ class KFAC(torch.optim.Optimizer):
 
     def _decompose(self, t: int) -> None:
         """Step 3: eigendecompose every factor that changed since its last decomposition."""
+        # Each slot is (layer, st, key, number of matrices): G is one matrix, A as many as its
+        # structure asks for (a full factor: 1, block-diagonal: one per block, diag: none).
         slots, mats, prevs = [], [], []
         for layer in self._layers:
             st = self.state[layer.weight]
             if "A" not in st:
                 continue
-            for key in ("A", "G"):
-                if st[f"{key}_dirty"] or not self._has_basis(layer, key):
-                    slots.append((layer, st, key))
-                    mats.append(st[key])
-                    q = st.get(f"Q{key}")
-                    prevs.append(q if q is not None else
-                                 torch.eye(st[key].shape[0], dtype=st[key].dtype,
-                                           device=st[key].device))
-        if not mats:
-            return
+            struct = self._structure(layer)
+            if st["A_dirty"] or not self._has_basis(layer, "A"):
+                items = struct.eigh_items(st)
+                slots.append((layer, st, "A", len(items)))
+                mats += [m for m, _ in items]
+                prevs += [q for _, q in items]
+            if st["G_dirty"] or not self._has_basis(layer, "G"):
+                slots.append((layer, st, "G", 1))
+                mats.append(st["G"])
+                q = st.get("QG")
+                prevs.append(q if q is not None else torch.eye(
+                    st["G"].shape[0], dtype=st["G"].dtype, device=st["G"].device))
+        # No early return without matrices: a diag A has none but still takes its eigen-data.
         warm = prevs if self.eigh.warm_start else None
-        if self._dist is not None:  # split across ranks; REMOTE: another rank owns it
-            units = [self._layers.index(layer) for layer, _, _ in slots]
+        if not mats:
+            res = []
+        elif self._dist is not None:  # split across ranks; REMOTE: another rank owns it
+            units = [self._layers.index(layer) for layer, _, _, count in slots
+                     for _ in range(count)]
             res = self._dist.decompose(mats, warm, units, self._eigh)
         else:
             res = self._eigh(mats, warm)
-        for (layer, st, key), r in zip(slots, res):
-            if r is REMOTE:
+        at = 0
+        for layer, st, key, count in slots:
+            r, at = res[at:at + count], at + count
+            if any(x is REMOTE for x in r):
                 st[f"{key}_dirty"] = False
                 st[f"{key}_remote"] = True
                 continue
-            if r is None:
+            if any(x is None for x in r):
                 self._warn(None, f"eigendecomposition of {key} of layer '{layer.name}' failed, "
                                  "also in float64; keeping its previous eigenbasis")
                 continue
-            st[f"lam{key}"] = r[0].clamp(min=0.0)
-            st[f"Q{key}"] = r[1].contiguous()
+            if key == "A":
+                self._structure(layer).take_eigh(st, r)
+            else:
+                st["lamG"] = r[0][0].clamp(min=0.0)
+                st["QG"] = r[0][1].contiguous()
             st[f"{key}_dirty"] = False
             st["basis_step"] = t
 
     def _has_basis(self, layer: KFACLayer, key: str) -> bool:
-        """Whether factor ``key``'s eigenbasis exists here or (broadcast="gradients") on its
+        """Whether factor ``key``'s eigen-data exists here or (broadcast="gradients") on its
         owner."""
         st = self.state[layer.weight]
-        return f"Q{key}" in st or bool(st.get(f"{key}_remote"))
+        here = self._structure(layer).ready(st) if key == "A" else "QG" in st
+        return here or bool(st.get(f"{key}_remote"))
 
     def _update_ekfac(self, t: int) -> None:
         decay = float(_resolve(self.factor_decay, t))
         for layer in self._layers:
             item = self._ekfac_rows.get(id(layer))
             st = self.state[layer.weight]
-            if item is None or "QA" not in st or "QG" not in st:
-                continue
+            if item is None or "QA" not in st or "QG" not in st or \
+                    not self._structure(layer).batched:
+                continue  # EKFAC scales need the full eigenbasis of A
             g_rows, recs, sig = item
             QA = st["QA"]
             cache = layer.ekfac_cache
@@ -671,9 +765,11 @@ class KFAC(torch.optim.Optimizer):
         cands: list[tuple[int, KFACLayer, Tensor]] = []
         for i, layer in enumerate(self._layers):
             st = self.state[layer.weight]
+            struct = self._structure(layer)
             if not layer.fired or not layer.has_grad() or id(layer.weight) in bad:
                 continue
-            mine = "QA" in st and "QG" in st and (not shared or self._dist.owns(i))
+            mine = ("A" in st and struct.ready(st) and "QG" in st
+                    and (not shared or self._dist.owns(i)))
             if not mine and not (shared and "A" in st):
                 continue
             group = groups[id(layer.weight)]
@@ -686,8 +782,11 @@ class KFAC(torch.optim.Optimizer):
                 cands.append((i, layer, g))
                 if not mine:
                     continue
-            if self.ekfac and "S" in st:
+            if self.ekfac and "S" in st and struct.batched:
                 v = ekfac_precondition(g, st["QA"], st["QG"], st["S"], damping)
+                done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
+            elif not struct.batched:
+                v = struct.precondition(g, st, st["QG"], st["lamG"], damping)
                 done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
             else:
                 batch.setdefault(damping, []).append((layer, g.contiguous(), st))
@@ -785,6 +884,11 @@ class KFAC(torch.optim.Optimizer):
                 d = p.detach() - before[id(p)][0]
                 mats.append(d.reshape(layer.d_out, -1))
             delta = torch.cat(mats, 1)
+            struct = self._structure(layer)
+            if not struct.batched:  # δᵀ(A⊗G)δ = Σ (G δ) ∘ (δ A)
+                gd = st["QG"] @ (st["lamG"][:, None] * (st["QG"].T @ delta))
+                quad += (gd * struct.right_apply(st, delta)).sum().double().cpu()
+                continue
             quad += damped_curvature_energy(delta, st["QA"], st["lamA"], st["QG"], st["lamG"],
                                             0.0, st.get("S") if self.ekfac else None
                                             ).double().cpu()

@@ -172,8 +172,10 @@ def train_node_classifier(
     if world > 1 and cfg.pseudo_label_gamma is not None:
         raise ValueError("pseudo-labels are not supported in data-parallel runs")
     graph = graph.to(device)
-    # ngcuda.KFAC's factor kernels take dense layer inputs (Coauthor Physics: 1.2 GB dense).
-    x = prepare_features(graph, cfg, dense=optimizer_name.startswith("kfac") or bool(cfg.batch_size))
+    # Sparse CSR features stay sparse for the GCN models, K-FAC included: its factor structures
+    # take CSR layer inputs (dense Coauthor Physics features would be 1.2 GB). The mini-batch
+    # sampler slices node rows, which needs them dense.
+    x = prepare_features(graph, cfg, dense=bool(cfg.batch_size))
     torch.manual_seed(seed)
     model = build_gnn(
         cfg.model, graph.num_features, graph.num_classes, cfg.hidden, cfg.dropout, cfg.layers, cfg.skip
@@ -220,4 +222,7 @@ def train_node_classifier(
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-    return {"optimizer": optimizer_name, "seed": seed, "history": history}
+    out = {"optimizer": optimizer_name, "seed": seed, "history": history}
+    if hasattr(optimizer, "layers"):  # K-FAC: the layers and their (automatically chosen) structures
+        out["kfac_layers"] = [str(info) for info in optimizer.layers()]
+    return out
