@@ -17,7 +17,7 @@ import torch
 from ngcuda import ops, reference
 
 from .growth import describe, growth
-from .plotting import Panel, Series, save
+from .plotting import BarPanel, Panel, Series, save
 from .report import print_table
 from .roofline import rates, speedups
 from .timing import compare, copies_to_exceed_cache, nbytes, options, rotation, staggered
@@ -112,5 +112,9 @@ def plot(section: dict[str, Any], ceil: dict[str, Any], path: Path, device: str)
               [Series("ngcuda grouped", ds, [r["gflops"] for r in sweep]),
                Series("torch per-layer loop", ds, [r["torch_loop_gflops"] for r in sweep])],
               ceilings=[(ceil["matmul_gflops"], "measured fp32 matmul")]),
+        BarPanel("the models' layer shapes: time per call", "ms per call (log)",
+                 [r["model"] for r in section["models"]],
+                 {"ngcuda grouped": [r["ngcuda_ms"] for r in section["models"]],
+                  "torch per-layer loop": [r["torch_loop_ms"] for r in section["models"]]}, log=True),
     ]
-    return save(path, f"precondition on {device}", panels, ncols=2)
+    return save(path, f"precondition on {device}", panels, ncols=3)

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .plotting import BarPanel, save_bars
+from .plotting import BarPanel, save
 from .report import print_table
 from .timing import compare
 from .workloads import VARIANTS, WORKLOADS, Workload, optimizer
@@ -98,4 +98,4 @@ def plot(section: dict[str, Any], ceil: dict[str, Any], path: Path, device: str)
 
     panels = [BarPanel("time per optimizer step", "ms per step (log)", groups, value("ms_per_step"), log=True),
               BarPanel("time per step relative to Adam", "× Adam's step", groups, value("ratio_vs_adam"))]
-    return save_bars(path, f"optimizer step on {device}", panels)
+    return save(path, f"optimizer step on {device}", panels, ncols=2)

@@ -94,6 +94,10 @@ def _run(names: Sequence[str], per_benchmark: dict[str, argparse.Namespace], arg
     env = environment(args.device)
     print(f"{env['device']} | {env['cpu_model']} | {env['threads']} threads | torch {env['torch']} "
           f"| commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''} | load {env['load_average_start']}")
+    load = env["load_average_start"]
+    if load and env["logical_cpus"] and load[0] > 0.5 * env["logical_cpus"]:
+        print(f"warning: the machine is busy (load {load[0]:.1f} on {env['logical_cpus']} CPUs); "
+              "timings will be slower and noisier than on a quiet machine")
     ceil = ceilings.measure(args.device, quick=args.quick)
     print(f"ceilings: {ceil['memory_bandwidth_gbs']:.1f} GB/s copy, {ceil['matmul_gflops']:.0f} GFLOP/s "
           "float32 matmul")

@@ -55,7 +55,8 @@ def method_fns(g: BenchGraph) -> dict[str, Callable[[dict], Any]]:
     }
     ts = bl.aggregate_torch_scatter()
     if ts is not None:
-        fns["torch_scatter"] = lambda s: bl.dense_factor_update_(s["f"]["torch_scatter"], ts(row, g.col, g.value, s["x"]))
+        fns["torch_scatter"] = lambda s: bl.dense_factor_update_(
+            s["f"]["torch_scatter"], ts(row, g.col, g.value, s["x"]))
     return fns
 
 

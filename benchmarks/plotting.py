@@ -1,4 +1,4 @@
-"""PNG figures: a grid of log-log panels of time or throughput against size.
+"""PNG figures: a grid of log-log panels of time or throughput against size (and bar panels).
 
 A panel can carry horizontal ceiling lines (the measured memory bandwidth or matmul rate) and a
 guide line of the expected growth (∝ x^p) through a series' last point, so a reader sees at a
@@ -67,24 +67,6 @@ def _draw(ax: plt.Axes, panel: Panel) -> None:
         ax.legend(fontsize=7)
 
 
-def save(path: Path, title: str, panels: list[Panel], ncols: int = 3) -> Path:
-    """Draws the panels row by row into ``path`` (a PNG) and returns it."""
-    ncols = max(1, min(ncols, len(panels)))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.0 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    for ax, panel in zip(axes.flat, panels):
-        _draw(ax, panel)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 @dataclass
 class BarPanel:
     """Grouped bars: one group per workload, one bar per method."""
@@ -111,11 +93,18 @@ def _draw_bars(ax: plt.Axes, panel: BarPanel) -> None:
     ax.legend(fontsize=7)
 
 
-def save_bars(path: Path, title: str, panels: list[BarPanel]) -> Path:
-    """Bar panels side by side into ``path`` (a PNG)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.0), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        _draw_bars(ax, panel)
+def save(path: Path, title: str, panels: list[Panel | BarPanel], ncols: int = 3) -> Path:
+    """Draws the panels row by row into ``path`` (a PNG) and returns it."""
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels):
+        if isinstance(panel, BarPanel):
+            _draw_bars(ax, panel)
+        else:
+            _draw(ax, panel)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
@@ -123,3 +112,4 @@ def save_bars(path: Path, title: str, panels: list[BarPanel]) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+

@@ -115,7 +115,8 @@ def autoencoder(device: str, quick: bool) -> Workload:
     def quality(m: nn.Module) -> dict[str, float]:
         m.eval()
         xb = batches[0]
-        return {"train_bce_per_image": float(F.binary_cross_entropy_with_logits(m(xb), xb, reduction="sum")) / xb.shape[0]}
+        bce = F.binary_cross_entropy_with_logits(m(xb), xb, reduction="sum")
+        return {"train_bce_per_image": float(bce) / xb.shape[0]}
 
     return Workload(
         "autoencoder", f"autoencoder {'-'.join(map(str, sizes))} (mirrored), batch {batch} of MNIST",

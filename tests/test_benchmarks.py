@@ -188,3 +188,20 @@ def test_torch_kfac_matches_ngcuda_on_mlp():
     for a, b in zip(ours, theirs):
         # a 784×784 output factor of rank 64 makes the damped inverse amplify rounding
         assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+
+
+def test_ngcuda_bench_forwards_to_the_benchmarks(capsys):
+    from ngcuda.cli import main as ngcuda_main
+
+    assert ngcuda_main(["bench", "nope"]) == 2
+    assert "benchmarks:" in capsys.readouterr().out
+    assert ngcuda_main(["bench", "--help"]) == 0
+
+
+def test_summary_of_a_results_file(quick_all, capsys):
+    from benchmarks.summary import main as summary_main
+
+    path, _ = quick_all
+    assert summary_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| `factor_update_`" in out and "O(N·d²)" in out and "O(n³)" in out
