@@ -142,6 +142,13 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
                        "orthog", "eig_err"])
 
 
+def _progress(row: dict[str, Any]) -> dict[str, Any]:
+    """One line per size as it finishes (a full run spends minutes here), then the row."""
+    print(f"  n={row['n']} batch={row['batch']}: cold {row['speedup_cold_vs_stacked']:.2f}x, "
+          f"warm {row['speedup_warm_vs_stacked']:.2f}x torch stacked", flush=True)
+    return row
+
+
 def run(args: argparse.Namespace, ceil: dict[str, Any]) -> dict[str, Any]:
     if args.force_warm_jacobi:
         # read by the kernel on its first warm call, which has not happened yet in this process
@@ -150,9 +157,9 @@ def run(args: argparse.Namespace, ceil: dict[str, Any]) -> dict[str, Any]:
     max_batch = args.max_batch or (16 if args.quick else 64)
     sweep_n = args.batch_sweep_n or (32 if args.quick else 64)
     sweep = args.batch_sweep or ([1, 4, 16] if args.quick else [1, 4, 16, 64, 256])
-    by_n = [bench_size(n, batch_for(n, max_batch), args, ceil) for n in sizes]
+    by_n = [_progress(bench_size(n, batch_for(n, max_batch), args, ceil)) for n in sizes]
     print_rows(by_n)
-    by_batch = [bench_size(sweep_n, b, args, ceil) for b in sweep]
+    by_batch = [_progress(bench_size(sweep_n, b, args, ceil)) for b in sweep]
     print(f"\nbatch sweep at n = {sweep_n}")
     print_table(by_batch, ["batch", "torch_stacked_ms", "torch_looped_ms", "ngcuda_cold_ms", "ngcuda_warm_ms",
                            "speedup_cold_vs_stacked", "speedup_warm_vs_stacked"])

@@ -79,6 +79,8 @@ def run(args: argparse.Namespace, ceil: dict[str, Any]) -> dict[str, Any]:
             w = WORKLOADS[name](args.device, args.quick)
             blocks = args.blocks or (1 if args.quick else (6 if name == "gcn-cora" else 3))
             results.append(bench_workload(w, variants, blocks, args.device, args.quick))
+            print(f"  {name}: " + ", ".join(f"{r['variant']} {r['ms_per_step']:.1f} ms"
+                                            for r in results[-1]["variants"]), flush=True)
     rows = [r for res in results for r in res["variants"]]
     print_table(rows, ["workload", "variant", "ms_per_step", "ratio_vs_adam", "speedup_vs_torch_kfac",
                        "test_accuracy", "train_bce_per_image"])

@@ -95,6 +95,8 @@ def sparse_row(g: BenchGraph, device: str, ceil: dict[str, Any], quick: bool,
     row.update(speedups(ms))
     row.update(rates(timing["ngcuda"].median_s, flops, bytes_moved, ceil, rows=g.nodes))
     row["timings"] = {k: t.as_dict() for k, t in timing.items()}
+    print(f"  {g.name}: {row['speedup_vs_sparse_mm']:.2f}x sparse.mm, {row['speedup_vs_scatter_add']:.2f}x "
+          "scatter_add_", flush=True)
     if memory_setup is not None:
         if torch.device(device).type == "cuda":
             s = sets[0]
