@@ -24,7 +24,10 @@ import torch
 
 from ngcuda import ops
 
-from .common import RESULTS, environment, median_time, peak_rss_in_child, print_table, write_json
+from .environment import environment
+from .memory import peak_rss_in_child
+from .report import RESULTS, print_table, write_json
+from .timing import compare
 
 DECAY = 0.95
 
@@ -145,8 +148,8 @@ def run_graph(name: str, root: str | None, block: int, quick: bool, memory: bool
     for case, runner, stmt in CASES:
         code = compile(stmt, case, "exec")
         fn = lambda: exec(code, ns)  # noqa: E731
-        t = median_time(fn, "cpu", warmup=1, repeat=3) if runner == "ngcuda" else \
-            median_time(fn, "cpu", warmup=0, repeat=1)
+        t = compare({"f": fn}, "cpu", warmup=1, min_repeats=3, max_repeats=3)["f"].median_s if runner == "ngcuda" else \
+            compare({"f": fn}, "cpu", warmup=0, min_repeats=1, max_repeats=1)["f"].median_s
         # The machine may be shared: the 1-minute load average says how much.
         row = {**base, "case": case, "runner": runner, "ms": t * 1e3, "load_1min": os.getloadavg()[0]}
         if memory:

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, environment, print_table, write_json  # noqa: E402
+from benchmarks.environment import environment  # noqa: E402
+from benchmarks.report import RESULTS, print_table, write_json  # noqa: E402
 
 GRAPHS = ("cora", "citeseer", "coauthor-cs", "coauthor-physics")
 STRUCTURES = ("auto", "full", "block:256", "lowrank:64", "diag")

@@ -1,6 +1,7 @@
-"""Command line: `ngcuda train` (GNN node classification) and `ngcuda train-ae` (MNIST autoencoder).
+"""Command line: `ngcuda train` (GNN node classification), `ngcuda train-ae` (MNIST autoencoder) and
+`ngcuda bench` (the microbenchmarks of a source checkout, as `python -m benchmarks`).
 
-Both train the same model with several optimizers side by side over one or more seeds, write
+`train` and `train-ae` train the same model with several optimizers side by side over one or more seeds, write
 metrics.json, metrics.csv and curves.png into --out, and print a results table. Examples:
 
     ngcuda train                                   # GCN on Cora, K-FAC vs Adam
@@ -208,7 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N training images (quick runs)")
     _common(a, default_epochs=10)
     a.set_defaults(_handler=cmd_train_ae, _parser=a)
+
+    # listed for `ngcuda --help`; main() hands everything after `bench` to the benchmarks' parser
+    sub.add_parser("bench", add_help=False, help="microbenchmarks, as python -m benchmarks (source checkout)")
     return parser
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """`ngcuda bench ...` is `python -m benchmarks ...`. The benchmarks are not installed with the
+    package, so they are looked up next to it (an editable install or a checkout)."""
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "benchmarks" / "cli.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        bench = importlib.import_module("benchmarks.cli")
+    except ImportError:
+        print("ngcuda bench: the benchmarks/ folder is not here; run it from a source checkout "
+              "(pip install -e .) or use `python -m benchmarks` there", file=sys.stderr)
+        return 2
+    return bench.main(list(argv))
 
 
 def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
@@ -424,6 +445,9 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ngcuda` command. Returns the exit status (argparse errors exit with 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return args._handler(args._parser, args)
