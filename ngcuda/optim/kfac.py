@@ -28,7 +28,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .. import ops
 from .damping import (LMConfig, damped_curvature_energy, ekfac_precondition, ekfac_scales,
                       kl_clip_scale, lm_update)
-from .fisher import FISHER_TYPES, normalize_likelihood, row_weights, sampled_nll
+from .fisher import FISHER_TYPES, normalize_likelihood, probe_term, row_weights, sampled_nll
 from .layers import CaptureState, KFACLayer, LayerInfo, discover
 
 __all__ = ["KFAC", "EighOptions", "KFACWarning"]
@@ -223,7 +223,8 @@ class KFAC(torch.optim.Optimizer):
             layer.detach()
 
     def set_outputs(self, outputs: Tensor, likelihood: Optional[str] = None,
-                    mask: Optional[Tensor] = None) -> None:
+                    mask: Optional[Tensor] = None,
+                    extra_terms: Sequence[tuple[Tensor, Union[Tensor, float]]] = ()) -> None:
         """Gives the model outputs, likelihood and example rows of this step; call it after the
         forward pass and before ``loss.backward()``.
 
@@ -232,6 +233,12 @@ class KFAC(torch.optim.Optimizer):
             likelihood: overrides the constructor's likelihood.
             mask: [N] bool mask, node indices, or non-negative row weights (e.g. pseudo-label
                 weights) of the rows the loss averages over; their total is ``n``.
+            extra_terms: ``(tensor [N, ...], hessian)`` pairs for loss terms that are not a
+                likelihood of ``outputs`` but a convex function of ``tensor`` with per-row Hessian
+                diagonal ``hessian`` (e.g. a VAE's KL term: ``(μ, 1)``, ``(log σ², σ²/2)``);
+                their Gauss-Newton curvature joins the true Fisher in the same backward
+                (:func:`~ngcuda.optim.fisher.probe_term`). Ignored by the empirical Fisher, whose
+                loss gradients already hold those terms.
 
         Cost: with ``fisher_type="true"``, on factor-update steps only, one sampled-target
         backward pass through the graph (which is retained for your backward); otherwise nothing.
@@ -252,7 +259,10 @@ class KFAC(torch.optim.Optimizer):
         edges = [r.edge for layer in self._layers for r in layer.records]
         if not edges:
             return
-        loss = sampled_nll(outputs, lik, w, self._generator(outputs.device))
+        gen = self._generator(outputs.device)
+        loss = sampled_nll(outputs, lik, w, gen)
+        for tensor, hessian in extra_terms:
+            loss = loss + probe_term(tensor, hessian, w, gen)
         if not loss.requires_grad:
             return
         self._capture.phase = "fisher"
