@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data import Graph
 from ..models import build_gnn
+from .loop import sync
 from .optimizers import OptimizerConfig, make_optimizer
 
 
@@ -109,11 +110,6 @@ def prepare_features(graph: Graph, cfg: NodeConfig, dense: bool = False) -> torc
     return torch.sparse_csr_tensor(rowptr, col, val * scale, size=x.shape, check_invariants=False)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_node_classifier(
     graph: Graph,
     optimizer_name: str,
@@ -140,13 +136,13 @@ def train_node_classifier(
     seconds = 0.0
     for epoch in range(1, cfg.epochs + 1):
         lam = pseudo_label_weight(epoch, cfg.epochs, cfg.pseudo_label_gamma)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loss = train_step(
             model, optimizer, x, graph.edge_index, lambda z: node_loss(z, graph.y, graph.train_mask, lam),
             loss_row_weights(graph.train_mask, lam),
         )
-        _sync(device)
+        sync(device)
         seconds += time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": loss, **evaluate(model, graph, x), "seconds": seconds}
         history.append(row)
