@@ -1,14 +1,16 @@
-"""Command line: `ngcuda train` (GNN node classification), `ngcuda train-ae` (MNIST autoencoder) and
-`ngcuda bench` (the microbenchmarks of a source checkout, as `python -m benchmarks`).
+"""Command line: `ngcuda train` (GNN node classification), `ngcuda train-ae` (MNIST autoencoder),
+`ngcuda train-vae` (MNIST variational autoencoder) and `ngcuda bench` (the microbenchmarks of a source
+checkout, as `python -m benchmarks`).
 
-`train` and `train-ae` train the same model with several optimizers side by side over one or more seeds, write
-metrics.json, metrics.csv and curves.png into --out, and print a results table. Examples:
+The training commands train the same model with several optimizers side by side over one or more seeds,
+write metrics.json, metrics.csv and curves.png into --out, and print a results table. Examples:
 
     ngcuda train                                   # GCN on Cora, K-FAC vs Adam
     ngcuda train --dataset citeseer --optimizers kfac-adam,adam --seeds 10
     ngcuda train --dataset coauthor-cs --data-root shared/data/npz --model deep-gcn --layers 8
     ngcuda train-ae --optimizers kfac,adam,sgd --epochs 20
     torchrun --nproc_per_node 2 -m ngcuda train --distributed     # data parallel, 2 processes
+    ngcuda train-vae --data-root shared/data/mnist --epochs 20
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import datetime
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -141,7 +144,7 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
                    help="folder with the dataset files (default: the data shipped with ngcuda)")
     p.add_argument("--optimizers", type=_optimizers, default=None, metavar="LIST",
                    help="comma list of adam, sgd, kfac, kfac-adam, kfac-sgd "
-                   "(default: train kfac,adam; train-ae kfac,adam,sgd)")
+                   "(default: train kfac,adam; train-ae kfac,adam,sgd; train-vae kfac,kfac-adam,adam)")
     p.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
                    help="number of seeds (3 means 0,1,2) or a comma list of seeds (default 1: seed 0)")
     p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")
@@ -152,7 +155,7 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
                    help="learning rate for every optimizer (default: per optimizer, see ngcuda.train.optimizers)")
     g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD and K-FAC momentum (default 0.9)")
     g.add_argument("--weight-decay", type=_nonneg_float, default=None,
-                   help="L2 coefficient (default: train 5e-4, train-ae 0)")
+                   help="L2 coefficient (default: train 5e-4, train-ae and train-vae 0)")
     g.add_argument("--damping", type=_positive_float, default=None, help="K-FAC Tikhonov damping")
     g.add_argument("--factor-decay", type=_unit_float, default=None, help="K-FAC factor moving-average decay")
     g.add_argument("--factor-every", type=_positive_int, default=None,
@@ -204,15 +207,32 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("train-ae", help="MNIST deep autoencoder, optimizers side by side",
                        description="Train the 784-1000-500-250-30 MNIST autoencoder with several optimizers. "
                        "Without --data-root the shipped 10k MNIST test images are used: 8000 train, 2000 test.")
-    a.add_argument("--batch-size", type=_positive_int, default=1000, help="default 1000")
-    a.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
-                   help="use only the first N training images (quick runs)")
+    _mnist_options(a)
     _common(a, default_epochs=10)
     a.set_defaults(_handler=cmd_train_ae, _parser=a)
+
+    v = sub.add_parser("train-vae", help="MNIST variational autoencoder, optimizers side by side",
+                       description="Train a VAE (encoder 784-512-256 to mu and log sigma^2, mirrored Bernoulli "
+                       "decoder) on MNIST by minimising the negative ELBO, with several optimizers. Data as "
+                       "train-ae: without --data-root the shipped 10k MNIST test images, 8000 train / 2000 test.")
+    v.add_argument("--latent", type=_positive_int, default=20, help="latent dimensions (default 20)")
+    v.add_argument("--no-kl-curvature", dest="kl_curvature", action="store_false",
+                   help="K-FAC: leave the KL term's Gauss-Newton curvature out of the encoder's Fisher (ablation)")
+    v.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
+                   help="report test metrics after this much training time too (default: the shortest run's time)")
+    _mnist_options(v)
+    _common(v, default_epochs=10)
+    v.set_defaults(_handler=cmd_train_vae, _parser=v)
 
     # listed for `ngcuda --help`; main() hands everything after `bench` to the benchmarks' parser
     sub.add_parser("bench", add_help=False, help="microbenchmarks, as python -m benchmarks (source checkout)")
     return parser
+
+
+def _mnist_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="default 1000")
+    p.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
+                   help="use only the first N training images (quick runs)")
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
@@ -271,6 +291,84 @@ def _config(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
+def _optimizer_config(args: argparse.Namespace, task: str, weight_decay: float):
+    """The OptimizerConfig of the common options; `weight_decay` applies when --weight-decay is not given."""
+    from .train import OptimizerConfig
+
+    return OptimizerConfig(
+        lr=args.lr, momentum=args.momentum, weight_decay=weight_decay if args.weight_decay is None else args.weight_decay,
+        damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
+        inverse_every=args.inverse_every, kl_clip=args.kl_clip,
+        factor_structure=getattr(args, "factor_structure", None), task=task,
+    )
+
+
+def _side_by_side(
+    optimizers: list[str],
+    seeds: list[int],
+    args: argparse.Namespace,
+    train_one: Callable[[str, int, Callable[[dict], None]], dict],
+    postfix: Callable[[dict], dict[str, str]],
+) -> list[dict]:
+    """Runs train_one(name, seed, on_epoch) for every seed and optimizer under one progress bar
+    (showing postfix(row) after each epoch); returns the runs in that order."""
+    runs = []
+    bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
+    try:
+        for seed in seeds:
+            for name in optimizers:
+                bar.set_description(f"{name} seed {seed}")
+
+                def tick(row: dict) -> None:
+                    bar.update(1)
+                    bar.set_postfix(**postfix(row), refresh=False)
+
+                runs.append(train_one(name, seed, tick))
+    finally:
+        bar.close()
+    return runs
+
+
+@dataclass
+class _MnistJob:
+    """What train-ae and train-vae share: optimizers, seeds, device and the images."""
+
+    optimizers: list[str]
+    seeds: list[int]
+    device: torch.device
+    x_train: torch.Tensor
+    x_test: torch.Tensor
+    source: str
+
+    def payload(self, args: argparse.Namespace, summary: dict, runs: list[dict], **extra) -> dict:
+        """The metrics.json contents."""
+        config = _config(args) | {"optimizers": self.optimizers, "seeds": self.seeds, "data": self.source}
+        return {"command": args.command, "config": config, "device": str(self.device), **extra,
+                "summary": summary, "runs": runs}
+
+
+def _mnist_job(parser: argparse.ArgumentParser, args: argparse.Namespace, default_optimizers: list[str]
+               ) -> _MnistJob | None:
+    """Checks the options and reads MNIST as train-ae and train-vae do: --data-root's 60k/10k files, or the
+    shipped 10k split 8000/2000; --train-size keeps the first N. None (after a message) when data is missing."""
+    optimizers = args.optimizers or default_optimizers
+    _check_optimizers(parser, optimizers)
+    device = _device(parser, args.device)
+    try:
+        x_train, _ = load_mnist(args.data_root, train=True)
+        x_test, _ = load_mnist(args.data_root, train=False)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ngcuda {args.command}: error: {e}", file=sys.stderr)
+        return None
+    if args.train_size is not None:
+        x_train = x_train[: args.train_size]
+    source = "shipped 10k test set (8000/2000)" if args.data_root is None else str(args.data_root)
+    if not args.quiet:
+        print(f"MNIST from {source}: {x_train.shape[0]} train, {x_test.shape[0]} test images; "
+              f"batch {args.batch_size}; device {device}", flush=True)
+    return _MnistJob(optimizers, args.seeds or [0], device, x_train, x_test, source)
+
+
 def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.model != "deep-gcn" and args.layers is not None:
         parser.error(f"--layers applies to --model deep-gcn only (got --model {args.model})")
@@ -295,7 +393,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers: list[str], seeds: list[int],
            rank: int, world: int) -> int:
-    from .train import NodeConfig, OptimizerConfig, summarise_node_runs, train_node_classifier, write_metrics
+    from .train import NodeConfig, summarise_node_runs, train_node_classifier, write_metrics
     from .train.metrics import node_table
     from .train.plot import plot_runs
 
@@ -312,12 +410,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
         epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
         batch_size=args.batch_size, num_neighbors=args.num_neighbors,
     )
-    opt_cfg = OptimizerConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=5e-4 if args.weight_decay is None else args.weight_decay,
-        damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
-        inverse_every=args.inverse_every,
-        kl_clip=args.kl_clip, factor_structure=args.factor_structure, task="gnn",
-    )
+    opt_cfg = _optimizer_config(args, "gnn", weight_decay=5e-4)
     split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
     try:
         if split == "random":  # one split per seed
@@ -338,20 +431,11 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
             + (f"; mini-batches of {args.batch_size}" if args.batch_size else ""),
             flush=True,
         )
-    runs = []
-    bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
-    try:
-        for seed in seeds:
-            for name in optimizers:
-                bar.set_description(f"{name} seed {seed}")
-
-                def tick(row: dict) -> None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}", refresh=False)
-
-                runs.append(train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick))
-    finally:
-        bar.close()
+    runs = _side_by_side(
+        optimizers, seeds, args,
+        lambda name, seed, tick: train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick),
+        lambda row: {"loss": f"{row['train_loss']:.3f}", "val": f"{row['val_acc']:.3f}"},
+    )
     if rank != 0:
         return 0
     summary = summarise_node_runs(runs)
@@ -382,64 +466,74 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
 
 
 def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .train import AEConfig, OptimizerConfig, summarise_ae_runs, train_autoencoder, write_metrics
+    from .train import AEConfig, summarise_ae_runs, train_autoencoder, write_metrics
     from .train.metrics import ae_table
     from .train.plot import plot_runs
 
-    optimizers = args.optimizers or ["kfac", "adam", "sgd"]
-    seeds = args.seeds or [0]
-    _check_optimizers(parser, optimizers)
-    device = _device(parser, args.device)
-    try:
-        x_train, _ = load_mnist(args.data_root, train=True)
-        x_test, _ = load_mnist(args.data_root, train=False)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"ngcuda train-ae: error: {e}", file=sys.stderr)
+    job = _mnist_job(parser, args, ["kfac", "adam", "sgd"])
+    if job is None:
         return 1
-    if args.train_size is not None:
-        x_train = x_train[: args.train_size]
     cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size)
-    opt_cfg = OptimizerConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
-        damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
-        inverse_every=args.inverse_every,
-        kl_clip=args.kl_clip, factor_structure=args.factor_structure, task="ae",
+    opt_cfg = _optimizer_config(args, "ae", weight_decay=0.0)
+    runs = _side_by_side(
+        job.optimizers, job.seeds, args,
+        lambda name, seed, tick: train_autoencoder(job.x_train, job.x_test, name, seed, cfg, opt_cfg, job.device,
+                                                   tick),
+        lambda row: {"ce": f"{row['train_bce']:.1f}", "se": f"{row['train_sq_err']:.2f}"},
     )
-    source = "shipped 10k test set (8000/2000)" if args.data_root is None else str(args.data_root)
-    if not args.quiet:
-        print(f"MNIST from {source}: {x_train.shape[0]} train, {x_test.shape[0]} test images; batch {cfg.batch_size}; "
-              f"device {device}", flush=True)
-    runs = []
-    bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
-    try:
-        for seed in seeds:
-            for name in optimizers:
-                bar.set_description(f"{name} seed {seed}")
-
-                def tick(row: dict) -> None:
-                    bar.update(1)
-                    bar.set_postfix(ce=f"{row['train_bce']:.1f}", se=f"{row['train_sq_err']:.2f}", refresh=False)
-
-                runs.append(train_autoencoder(x_train, x_test, name, seed, cfg, opt_cfg, device, tick))
-    finally:
-        bar.close()
     summary = summarise_ae_runs(runs)
     out = _out_dir(args.out)
-    payload = {
-        "command": "train-ae",
-        "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "data": source},
-        "device": str(device),
-        "summary": summary,
-        "runs": runs,
-    }
-    json_path, csv_path = write_metrics(out, payload)
+    json_path, csv_path = write_metrics(out, job.payload(args, summary, runs))
     png = plot_runs(
         runs, out / "curves.png",
         [("train_bce", "train cross-entropy / image", True), ("train_sq_err", "train squared error / image", True)],
-        f"MNIST autoencoder, mean over {len(seeds)} seed(s)",
+        f"MNIST autoencoder, mean over {len(job.seeds)} seed(s)",
     )
     print(ae_table(summary))
     print(f"wrote {json_path}, {csv_path}, {png}")
+    return 0
+
+
+def cmd_train_vae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .train import VAEConfig, summarise_vae_runs, train_vae, write_metrics
+    from .train.metrics import vae_table
+    from .train.plot import plot_runs, plot_vae_grid
+    from .train.vae import vae_images
+
+    job = _mnist_job(parser, args, ["kfac", "kfac-adam", "adam"])
+    if job is None:
+        return 1
+    cfg = VAEConfig(epochs=args.epochs, batch_size=args.batch_size, latent=args.latent,
+                    kl_curvature=args.kl_curvature)
+    opt_cfg = _optimizer_config(args, "vae", weight_decay=0.0)
+    out = _out_dir(args.out)
+    grids = []
+
+    def train_one(name: str, seed: int, tick: Callable[[dict], None]) -> dict:
+        run, model = train_vae(job.x_train, job.x_test, name, seed, cfg, opt_cfg, job.device, tick)
+        if seed == job.seeds[0]:  # one grid per optimizer, from its first seed
+            orig, rec, drawn = vae_images(model, job.x_test[:20].to(job.device), samples=30, seed=seed)
+            grids.append(plot_vae_grid(orig, rec, drawn, out / f"grid-{name}.png",
+                                       f"VAE, {name}, seed {seed}, after {args.epochs} epochs"))
+        return run
+
+    runs = _side_by_side(
+        job.optimizers, job.seeds, args, train_one,
+        lambda row: {"elbo": f"{-row['train_neg_elbo']:.1f}", "ce": f"{row['test_bce']:.1f}"},
+    )
+    summary = summarise_vae_runs(runs, args.time_budget)
+    payload = job.payload(args, summary, runs,
+                          metrics="per image, one z sample per image from a fixed noise seed: neg_elbo = bce + kl")
+    json_path, csv_path = write_metrics(out, payload)
+    png = plot_runs(
+        runs, out / "curves.png",
+        [("test_neg_elbo", "test negative ELBO / image", False),
+         ("test_bce", "test reconstruction CE / image", False),
+         ("test_kl", "test KL / image", False)],
+        f"MNIST VAE (latent {args.latent}), mean over {len(job.seeds)} seed(s)",
+    )
+    print(vae_table(summary))
+    print(f"wrote {json_path}, {csv_path}, {png}, {', '.join(str(g) for g in grids)}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The models the command line trains: GNNs for node classification and the MNIST deep autoencoder.
+"""The models the command line trains: GNNs for node classification, the MNIST deep autoencoder and
+the MNIST variational autoencoder.
 
 Every model returns logits (no softmax / sigmoid), so the loss is `F.cross_entropy` for the GNNs and
 `F.binary_cross_entropy_with_logits` for the autoencoder: both are the natural-parameter negative
@@ -225,6 +226,54 @@ class Autoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+
+class VAE(nn.Module):
+    """Variational autoencoder for MNIST (Kingma & Welling 2014) with a Bernoulli decoder.
+
+    Encoder: MLP ``784-512-256`` (ReLU) whose last hidden layer feeds two linear heads, ``μ`` and
+    ``log σ²`` [B, latent]. Decoder: the mirror ``latent-256-512-784`` (ReLU), giving Bernoulli
+    logits. ``forward(x [B, 784], eps=None) -> (logits [B, 784], mu [B, latent], logvar [B, latent])``
+    with ``z = μ + exp(½ log σ²) ⊙ ε`` (reparameterisation); ``eps`` [B, latent] defaults to fresh
+    ``N(0, I)`` noise from the global generator.
+    """
+
+    def __init__(self, latent: int = 20, hidden: tuple[int, ...] = (512, 256), pixels: int = 784) -> None:
+        super().__init__()
+        if latent < 1 or not hidden:
+            raise ValueError(f"latent must be >= 1 and hidden non-empty, got {latent}, {hidden}")
+        self.latent = latent
+        enc: list[nn.Module] = []
+        for a, b in zip((pixels,) + hidden[:-1], hidden):
+            enc += [nn.Linear(a, b), nn.ReLU()]
+        self.encoder = nn.Sequential(*enc)
+        # Two heads on one hidden layer: K-FAC gives each its own block (same A, own G); the shared
+        # layer's output gradient is the sum of both heads' (autograd adds them before its hook).
+        self.mu = nn.Linear(hidden[-1], latent)
+        self.logvar = nn.Linear(hidden[-1], latent)
+        dec: list[nn.Module] = []
+        rev = hidden[::-1]
+        for a, b in zip((latent,) + rev[:-1], rev):
+            dec += [nn.Linear(a, b), nn.ReLU()]
+        dec.append(nn.Linear(rev[-1], pixels))
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 784] -> (mu, logvar), each [B, latent]."""
+        h = self.encoder(x)
+        return self.mu(h), self.logvar(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, latent] -> Bernoulli logits [B, 784]."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return self.decode(z), mu, logvar
 
 
 GNN_MODELS = ("gcn", "sage", "gin", "deep-gcn")

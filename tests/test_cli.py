@@ -20,12 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny full-batch steps: OpenMP threads only add spin-wait overhead, badly so on a shared 2-core CI box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test of this file on one thread (the fixture is in conftest.py)."""
 
 
 @pytest.mark.parametrize(

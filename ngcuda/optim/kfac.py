@@ -39,7 +39,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ from .. import ops
 from .distributed import REMOTE, LocalStatistics, eigh_cost, make_communicator
 from .damping import (LMConfig, damped_curvature_energy, ekfac_precondition, ekfac_scales,
                       kl_clip_scale, lm_update)
-from .fisher import FISHER_TYPES, normalize_likelihood, row_weights, sampled_nll
+from .fisher import FISHER_TYPES, normalize_likelihood, probe_term, row_weights, sampled_nll
 from .layers import CaptureState, KFACLayer, LayerInfo, discover
 from .structure import Full, LayerShape, choose_structure, parse_structure
 
@@ -281,7 +281,8 @@ class KFAC(torch.optim.Optimizer):
             layer.detach()
 
     def set_outputs(self, outputs: Tensor, likelihood: Optional[str] = None,
-                    mask: Optional[Tensor] = None) -> None:
+                    mask: Optional[Tensor] = None,
+                    extra_terms: Sequence[tuple[Tensor, Union[Tensor, float]]] = ()) -> None:
         """Gives the model outputs, likelihood and example rows of this step; call it after the
         forward pass and before ``loss.backward()``.
 
@@ -290,6 +291,12 @@ class KFAC(torch.optim.Optimizer):
             likelihood: overrides the constructor's likelihood.
             mask: [N] bool mask, node indices, or non-negative row weights (e.g. pseudo-label
                 weights) of the rows the loss averages over; their total is ``n``.
+            extra_terms: ``(tensor [N, ...], hessian)`` pairs for loss terms that are not a
+                likelihood of ``outputs`` but a convex function of ``tensor`` with per-row Hessian
+                diagonal ``hessian`` (e.g. a VAE's KL term: ``(μ, 1)``, ``(log σ², σ²/2)``);
+                their Gauss-Newton curvature joins the true Fisher in the same backward
+                (:func:`~ngcuda.optim.fisher.probe_term`). Ignored by the empirical Fisher, whose
+                loss gradients already hold those terms.
 
         Cost: with ``fisher_type="true"``, on factor-update steps only, one sampled-target
         backward pass through the graph (which is retained for your backward); otherwise nothing.
@@ -308,7 +315,12 @@ class KFAC(torch.optim.Optimizer):
         if not outputs.requires_grad:
             raise ValueError("outputs must be part of the autograd graph (requires_grad)")
         edges = [r.edge for layer in self._layers for r in layer.records]
-        loss = sampled_nll(outputs, lik, w, self._generator(outputs.device)) if edges else None
+        loss = None
+        if edges:
+            gen = self._generator(outputs.device)
+            loss = sampled_nll(outputs, lik, w, gen)
+            for tensor, hessian in extra_terms:
+                loss = loss + probe_term(tensor, hessian, w, gen)
         if loss is not None and loss.requires_grad:
             self._capture.phase = "fisher"
             try:

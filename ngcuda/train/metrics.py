@@ -65,6 +65,66 @@ def summarise_ae_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]
     return out
 
 
+def at_seconds(history: list[dict[str, float]], budget: float) -> dict[str, float] | None:
+    """The last epoch row whose cumulative training seconds are within `budget` (None: not even the first)."""
+    rows = [h for h in history if h["seconds"] <= budget]
+    return rows[-1] if rows else None
+
+
+def first_epoch_reaching(history: list[dict[str, float]], key: str, target: float) -> dict[str, float] | None:
+    """The first epoch row with row[key] <= target (None if it never gets there)."""
+    return next((h for h in history if h[key] <= target), None)
+
+
+VAE_KEYS = ("neg_elbo", "bce", "sq_err", "kl")
+
+
+def summarise_vae_runs(
+    runs: list[dict[str, Any]], budget_seconds: float | None = None, reference: str = "adam"
+) -> dict[str, dict[str, Any]]:
+    """Per optimizer, means over seeds of:
+
+    * ``final``: train/test negative ELBO, reconstruction CE, squared error and KL per image at the last epoch;
+    * ``at_budget``: the test metrics and epoch of the last epoch within `budget_seconds` of training
+      (default: the shortest run's total training time, so every optimizer has the same time);
+    * ``epochs_to_reference``: the first epoch whose test reconstruction CE is at most the `reference`
+      optimizer's final test CE (mean over its seeds), with its seconds; None where a seed never reaches it.
+    """
+    if budget_seconds is None and runs:
+        budget_seconds = min(r["history"][-1]["seconds"] for r in runs)
+    ref_runs = [r for r in runs if r["optimizer"] == reference]
+    ref_bce = mean_std([r["history"][-1]["test_bce"] for r in ref_runs])[0] if ref_runs else None
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["optimizer"] for r in runs):
+        mine = [r for r in runs if r["optimizer"] == name]
+        last = [r["history"][-1] for r in mine]
+        final = {f"{s}_{k}": mean_std([h[f"{s}_{k}"] for h in last])[0] for s in ("train", "test") for k in VAE_KEYS}
+        final["test_bce_std"] = mean_std([h["test_bce"] for h in last])[1]
+        final["epoch"] = mean_std([h["epoch"] for h in last])[0]
+        budget_rows = [at_seconds(r["history"], budget_seconds) for r in mine]
+        at_budget = None
+        if all(b is not None for b in budget_rows):
+            at_budget = {f"test_{k}": mean_std([b[f"test_{k}"] for b in budget_rows])[0] for k in VAE_KEYS}
+            at_budget["epoch"] = mean_std([b["epoch"] for b in budget_rows])[0]
+        reach = None
+        if ref_bce is not None:
+            hits = [first_epoch_reaching(r["history"], "test_bce", ref_bce) for r in mine]
+            if all(h is not None for h in hits):
+                reach = {"epoch": mean_std([h["epoch"] for h in hits])[0],
+                         "seconds": mean_std([h["seconds"] for h in hits])[0]}
+        out[name] = {
+            "seeds": len(mine),
+            "final": final,
+            "budget_seconds": budget_seconds,
+            "at_budget": at_budget,
+            "reference": reference if ref_bce is not None else None,
+            "reference_test_bce": ref_bce,
+            "epochs_to_reference": reach,
+            "seconds_per_epoch": mean_std([h["seconds"] / h["epoch"] for h in last])[0],
+        }
+    return out
+
+
 def write_metrics(out_dir: Path, payload: dict[str, Any]) -> tuple[Path, Path]:
     """Write payload as metrics.json and its per-epoch rows (optimizer, seed, epoch, ...) as metrics.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,4 +175,35 @@ def ae_table(summary: dict[str, dict[str, float]]) -> str:
     ]
     return format_table(
         ["optimizer", "train CE/image", "train sq.err/image", "test sq.err/image", "s/epoch", "seeds"], rows
+    )
+
+
+def vae_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Final test metrics, test metrics at the common time budget and epochs to the reference's final CE."""
+    def cell(d: dict[str, Any] | None, key: str, fmt: str) -> str:
+        return "-" if d is None else format(d[key], fmt)
+
+    rows = []
+    for name, s in summary.items():
+        f, b, r = s["final"], s["at_budget"], s["epochs_to_reference"]
+        rows.append([
+            name,
+            f"{f['epoch']:.0f}",
+            f"{f['test_neg_elbo']:.2f}",
+            f"{f['test_bce']:.2f}",
+            f"{f['test_sq_err']:.2f}",
+            f"{f['test_kl']:.2f}",
+            cell(b, "epoch", ".1f"),
+            cell(b, "test_neg_elbo", ".2f"),
+            cell(b, "test_bce", ".2f"),
+            "never" if r is None and s["reference"] else cell(r, "epoch", ".1f"),
+            f"{s['seconds_per_epoch']:.2f}",
+            str(s["seeds"]),
+        ])
+    first = next(iter(summary.values()), None)
+    budget = f"{first['budget_seconds']:.0f}s" if first else "budget"
+    ref = first["reference"] if first and first["reference"] else "reference"
+    return format_table(
+        ["optimizer", "epochs", "test -ELBO", "test CE", "test sq.err", "test KL",
+         f"epoch@{budget}", f"-ELBO@{budget}", f"CE@{budget}", f"epochs to {ref} CE", "s/epoch", "seeds"], rows
     )

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..data import Graph
 from ..models import build_gnn
+from .loop import sync
 from .optimizers import OptimizerConfig, make_optimizer
 from .sampling import TorchNeighborSampler, rank_share, uncache_gcn
 
@@ -149,11 +150,6 @@ def _mean_over_ranks(value: float, weight: float, device: torch.device) -> float
     return float(t[0] / t[1])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_node_classifier(
     graph: Graph,
     optimizer_name: str,
@@ -200,7 +196,7 @@ def train_node_classifier(
     seconds = 0.0
     for epoch in range(1, cfg.epochs + 1):
         lam = pseudo_label_weight(epoch, cfg.epochs, cfg.pseudo_label_gamma)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         if sampler is not None:
             from torch_geometric.loader import NeighborLoader
@@ -214,7 +210,7 @@ def train_node_classifier(
                 net, optimizer, x, graph.edge_index, lambda z: node_loss(z, graph.y, train_mask, lam),
                 loss_row_weights(train_mask, lam),
             )
-        _sync(device)
+        sync(device)
         seconds += time.perf_counter() - t0
         if world > 1:  # report the loss over all ranks' training nodes, not this rank's share
             loss = _mean_over_ranks(loss, float(train_mask.sum()) if sampler is None else 1.0, device)

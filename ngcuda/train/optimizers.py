@@ -16,6 +16,7 @@ OPTIMIZERS = ("adam", "sgd", "kfac", "kfac-adam", "kfac-sgd")
 DEFAULT_LR = {
     "gnn": {"adam": 0.01, "sgd": 0.2, "kfac": 0.1, "kfac-adam": 0.01, "kfac-sgd": 0.01},
     "ae": {"adam": 1e-3, "sgd": 1e-3, "kfac": 0.1, "kfac-adam": 1e-3, "kfac-sgd": 1e-3},
+    "vae": {"adam": 1e-3, "sgd": 1e-4, "kfac": 0.1, "kfac-adam": 1e-3, "kfac-sgd": 1e-4},
 }
 
 
