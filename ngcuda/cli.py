@@ -20,6 +20,7 @@ import torch
 
 from .data import GRAPH_DATASETS, NPZ_DATASETS, load_graph, load_mnist
 from .models import GNN_MODELS
+from .train.metrics import SELECTION_TEXT, SELECTIONS
 
 DEFAULT_DEEP_LAYERS = 8
 
@@ -108,7 +109,13 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
                    help="update the Kronecker factors every N steps (KFAC default 1)")
     g.add_argument("--inverse-every", type=_positive_int, default=None,
                    help="K-FAC: steps between eigendecompositions")
-    g.add_argument("--kl-clip", type=_positive_float, default=None, help="K-FAC KL clipping bound")
+    g.add_argument("--kl-clip", type=_nonneg_float, default=None,
+                   help="K-FAC KL clipping bound; 0 turns clipping off (as Izadi et al.)")
+    g.add_argument("--fisher-type", choices=("true", "empirical"), default=None,
+                   help="K-FAC Fisher: true (targets sampled from the model, KFAC default) or empirical "
+                   "(the loss gradients, as Izadi et al.)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default runs/<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -135,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add (t/T)^GAMMA x cross-entropy of unlabelled nodes against their argmax prediction")
     t.add_argument("--no-normalize-features", dest="normalize_features", action="store_false",
                    help="keep raw features (default: row-normalise, as GCN does)")
+    t.add_argument("--no-input-dropout", dest="input_dropout", action="store_false",
+                   help="no dropout on the input features (Izadi et al.'s GCN; K-FAC then computes the first "
+                   "layer's input factor once); default: dropout on the input too, as Kipf & Welling")
+    t.add_argument("--select", choices=SELECTIONS, default="val-acc",
+                   help="model selection: report test accuracy at the epoch of best validation accuracy "
+                   "(val-acc, default) or of lowest validation loss (val-loss, Izadi et al.)")
     _common(t, default_epochs=200)
     t.set_defaults(_handler=cmd_train, _parser=t)
 
@@ -209,12 +222,13 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cfg = NodeConfig(
         model=args.model, hidden=args.hidden, dropout=args.dropout, layers=layers, skip=args.skip,
         epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
+        input_dropout=args.input_dropout,
     )
     opt_cfg = OptimizerConfig(
         lr=args.lr, momentum=args.momentum, weight_decay=5e-4 if args.weight_decay is None else args.weight_decay,
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
         inverse_every=args.inverse_every,
-        kl_clip=args.kl_clip, task="gnn",
+        kl_clip=args.kl_clip, fisher_type=args.fisher_type, task="gnn",
     )
     split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
     try:
@@ -248,7 +262,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 runs.append(train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick))
     finally:
         bar.close()
-    summary = summarise_node_runs(runs)
+    summary = summarise_node_runs(runs, args.select)
     out = _out_dir(args.out)
     payload = {
         "command": "train",
@@ -259,7 +273,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "classes": g0.num_classes, "train": int(g0.train_mask.sum()), "val": int(g0.val_mask.sum()),
             "test": int(g0.test_mask.sum()),
         },
-        "selection": "test accuracy at the epoch of best validation accuracy (ties: lower validation loss)",
+        "selection": SELECTION_TEXT[args.select],
         "summary": summary,
         "runs": runs,
     }
@@ -296,7 +310,7 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         lr=args.lr, momentum=args.momentum, weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
         inverse_every=args.inverse_every,
-        kl_clip=args.kl_clip, task="ae",
+        kl_clip=args.kl_clip, fisher_type=args.fisher_type, task="ae",
     )
     source = "shipped 10k test set (8000/2000)" if args.data_root is None else str(args.data_root)
     if not args.quiet:
@@ -340,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ngcuda` command. Returns the exit status (argparse errors exit with 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     return args._handler(args._parser, args)
 
 

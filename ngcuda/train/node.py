@@ -24,6 +24,7 @@ class NodeConfig:
     epochs: int = 200
     pseudo_label_gamma: float | None = None
     normalize_features: bool = True
+    input_dropout: bool = True
 
 
 def pseudo_label_weight(epoch: int, epochs: int, gamma: float | None) -> float:
@@ -133,7 +134,8 @@ def train_node_classifier(
     x = prepare_features(graph, cfg, dense=optimizer_name.startswith("kfac"))
     torch.manual_seed(seed)
     model = build_gnn(
-        cfg.model, graph.num_features, graph.num_classes, cfg.hidden, cfg.dropout, cfg.layers, cfg.skip
+        cfg.model, graph.num_features, graph.num_classes, cfg.hidden, cfg.dropout, cfg.layers, cfg.skip,
+        input_dropout=cfg.input_dropout,
     ).to(device)
     optimizer = make_optimizer(optimizer_name, model, opt_cfg, seed=seed)
     history = []

@@ -32,6 +32,7 @@ class OptimizerConfig:
     factor_every: int | None = None
     inverse_every: int | None = None
     kl_clip: float | None = None
+    fisher_type: str | None = None
     task: str = "gnn"
 
     def lr_for(self, name: str) -> float:
@@ -90,6 +91,7 @@ def make_optimizer(
             ("factor_every", cfg.factor_every),
             ("inverse_every", cfg.inverse_every),
             ("kl_clip", cfg.kl_clip),
+            ("fisher_type", cfg.fisher_type),
         )
         if v is not None
     }
