@@ -86,6 +86,36 @@ def _optimizers(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _per_optimizer(convert):
+    """argparse type: VALUE for every optimizer, or NAME=VALUE,... per optimizer (an unnamed VALUE in the list
+    is the default for the others), e.g. --lr 0.01,kfac=0.05."""
+    from .train.optimizers import parse_per_optimizer
+
+    def parse(text: str):
+        try:
+            return parse_per_optimizer(text, convert)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = convert.__name__.lstrip("_")
+    return parse
+
+
+def _fisher(text: str) -> str:
+    if text not in ("true", "empirical"):
+        raise argparse.ArgumentTypeError(f"expected true or empirical, got {text!r}")
+    return text
+
+
+def _with_default(value, default):
+    """A per-optimizer dict gets `default` for the optimizers it does not name."""
+    if value is None:
+        return default
+    if isinstance(value, dict) and "*" not in value:
+        return {"*": default, **value}
+    return value
+
+
 def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="folder with the dataset files (default: the data shipped with ngcuda)")
@@ -97,21 +127,26 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (default)")
-    g = p.add_argument_group("optimizer hyperparameters (K-FAC options default to ngcuda.KFAC's own)")
-    g.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate for every optimizer (default: per optimizer, see ngcuda.train.optimizers)")
-    g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD and K-FAC momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
+    g = p.add_argument_group(
+        "optimizer hyperparameters (K-FAC options default to ngcuda.KFAC's own)",
+        "Each takes one VALUE for every optimizer, or a per-optimizer list NAME=VALUE,... where an unnamed "
+        "VALUE is the default for the others: --lr 0.01,kfac=0.05 --damping kfac=0.01,kfac-adam=1")
+    g.add_argument("--lr", type=_per_optimizer(_positive_float), default=None,
+                   help="learning rate (default: per optimizer, see ngcuda.train.optimizers)")
+    g.add_argument("--momentum", type=_per_optimizer(_unit_float), default=0.9,
+                   help="SGD and K-FAC momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=_per_optimizer(_nonneg_float), default=None,
                    help="L2 coefficient (default: train 5e-4, train-ae 0)")
-    g.add_argument("--damping", type=_positive_float, default=None, help="K-FAC Tikhonov damping")
-    g.add_argument("--factor-decay", type=_unit_float, default=None, help="K-FAC factor moving-average decay")
-    g.add_argument("--factor-every", type=_positive_int, default=None,
+    g.add_argument("--damping", type=_per_optimizer(_positive_float), default=None, help="K-FAC Tikhonov damping")
+    g.add_argument("--factor-decay", type=_per_optimizer(_unit_float), default=None,
+                   help="K-FAC factor moving-average decay")
+    g.add_argument("--factor-every", type=_per_optimizer(_positive_int), default=None,
                    help="update the Kronecker factors every N steps (KFAC default 1)")
-    g.add_argument("--inverse-every", type=_positive_int, default=None,
+    g.add_argument("--inverse-every", type=_per_optimizer(_positive_int), default=None,
                    help="K-FAC: steps between eigendecompositions")
-    g.add_argument("--kl-clip", type=_nonneg_float, default=None,
+    g.add_argument("--kl-clip", type=_per_optimizer(_nonneg_float), default=None,
                    help="K-FAC KL clipping bound; 0 turns clipping off (as Izadi et al.)")
-    g.add_argument("--fisher-type", choices=("true", "empirical"), default=None,
+    g.add_argument("--fisher-type", type=_per_optimizer(_fisher), default=None, metavar="{true,empirical}",
                    help="K-FAC Fisher: true (targets sampled from the model, KFAC default) or empirical "
                    "(the loss gradients, as Izadi et al.)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -225,7 +260,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         input_dropout=args.input_dropout,
     )
     opt_cfg = OptimizerConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=5e-4 if args.weight_decay is None else args.weight_decay,
+        lr=args.lr, momentum=args.momentum, weight_decay=_with_default(args.weight_decay, 5e-4),
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
         inverse_every=args.inverse_every,
         kl_clip=args.kl_clip, fisher_type=args.fisher_type, task="gnn",
@@ -307,7 +342,7 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         x_train = x_train[: args.train_size]
     cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size)
     opt_cfg = OptimizerConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
+        lr=args.lr, momentum=args.momentum, weight_decay=_with_default(args.weight_decay, 0.0),
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
         inverse_every=args.inverse_every,
         kl_clip=args.kl_clip, fisher_type=args.fisher_type, task="ae",

@@ -316,3 +316,35 @@ def test_train_options_reach_the_model_and_optimizer(tmp_path, monkeypatch):
         assert opt.fisher_type == "empirical" and opt.param_groups[0]["kl_clip"] == 0.0
     with pytest.raises(SystemExit):
         main(["train", "--fisher-type", "exact"])
+
+
+def test_per_optimizer_hyperparameters(tmp_path):
+    from ngcuda.train.optimizers import OptimizerConfig, make_optimizer, parse_per_optimizer
+
+    assert parse_per_optimizer("0.05", float) == 0.05
+    assert parse_per_optimizer("kfac=0.05,kfac-sgd=0.1", float) == {"kfac": 0.05, "kfac-sgd": 0.1}
+    assert parse_per_optimizer("0.01, KFAC=0.05", float) == {"*": 0.01, "kfac": 0.05}
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        parse_per_optimizer("lbfgs=1", float)
+    with pytest.raises(ValueError, match="given twice"):
+        parse_per_optimizer("kfac=1,kfac=2", float)
+    cfg = OptimizerConfig(lr={"kfac": 0.05}, weight_decay={"*": 5e-4, "sgd": 0.0}, momentum={"sgd": 0.5},
+                          damping={"kfac-adam": 1.0})
+    assert cfg.lr_for("kfac") == 0.05 and cfg.lr_for("adam") == 0.01  # the default for the others
+    assert cfg.for_optimizer("sgd").weight_decay == 0.0 and cfg.for_optimizer("adam").weight_decay == 5e-4
+    assert cfg.for_optimizer("sgd").momentum == 0.5 and cfg.for_optimizer("kfac").momentum == 0.9
+    assert cfg.for_optimizer("kfac").damping is None and cfg.for_optimizer("kfac-adam").damping == 1.0
+    sgd = make_optimizer("sgd", torch.nn.Linear(3, 2), cfg)
+    assert sgd.defaults["momentum"] == 0.5 and sgd.defaults["weight_decay"] == 0.0
+    if kfac_available():
+        opt = make_optimizer("kfac-adam", torch.nn.Linear(3, 2), cfg)
+        assert opt.param_groups[0]["damping"] == 1.0
+    with pytest.raises(SystemExit):
+        main(["train", "--lr", "kfac=-1"])
+    with pytest.raises(SystemExit):
+        main(["train", "--fisher-type", "kfac=exact"])
+    out = tmp_path / "o"
+    assert main(["train", "--optimizers", "adam,sgd", "--epochs", "2", "--device", "cpu", "--lr", "0.01,sgd=0.3",
+                 "--weight-decay", "sgd=0", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["lr"] == {"*": 0.01, "sgd": 0.3} and config["weight_decay"] == {"sgd": 0.0}
