@@ -27,6 +27,7 @@ import torch
 
 from .data import GRAPH_DATASETS, NPZ_DATASETS, load_graph, load_mnist
 from .models import GNN_MODELS
+from .train.metrics import SELECTION_TEXT, SELECTIONS
 
 DEFAULT_DEEP_LAYERS = 8
 
@@ -139,6 +140,36 @@ def _optimizers(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _per_optimizer(convert):
+    """argparse type: VALUE for every optimizer, or NAME=VALUE,... per optimizer (an unnamed VALUE in the list
+    is the default for the others), e.g. --lr 0.01,kfac=0.05."""
+    from .train.optimizers import parse_per_optimizer
+
+    def parse(text: str):
+        try:
+            return parse_per_optimizer(text, convert)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = convert.__name__.lstrip("_")
+    return parse
+
+
+def _fisher(text: str) -> str:
+    if text not in ("true", "empirical"):
+        raise argparse.ArgumentTypeError(f"expected true or empirical, got {text!r}")
+    return text
+
+
+def _with_default(value, default):
+    """A per-optimizer dict gets `default` for the optimizers it does not name."""
+    if value is None:
+        return default
+    if isinstance(value, dict) and "*" not in value:
+        return {"*": default, **value}
+    return value
+
+
 def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="folder with the dataset files (default: the data shipped with ngcuda)")
@@ -150,19 +181,30 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (default)")
-    g = p.add_argument_group("optimizer hyperparameters (K-FAC options default to ngcuda.KFAC's own)")
-    g.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate for every optimizer (default: per optimizer, see ngcuda.train.optimizers)")
-    g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD and K-FAC momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
+    g = p.add_argument_group(
+        "optimizer hyperparameters (K-FAC options default to ngcuda.KFAC's own)",
+        "Each takes one VALUE for every optimizer, or a per-optimizer list NAME=VALUE,... where an unnamed "
+        "VALUE is the default for the others: --lr 0.01,kfac=0.05 --damping kfac=0.01,kfac-adam=1")
+    g.add_argument("--lr", type=_per_optimizer(_positive_float), default=None,
+                   help="learning rate (default: per optimizer, see ngcuda.train.optimizers)")
+    g.add_argument("--momentum", type=_per_optimizer(_unit_float), default=0.9,
+                   help="SGD and K-FAC momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=_per_optimizer(_nonneg_float), default=None,
                    help="L2 coefficient (default: train 5e-4, train-ae and train-vae 0)")
-    g.add_argument("--damping", type=_positive_float, default=None, help="K-FAC Tikhonov damping")
-    g.add_argument("--factor-decay", type=_unit_float, default=None, help="K-FAC factor moving-average decay")
-    g.add_argument("--factor-every", type=_positive_int, default=None,
+    g.add_argument("--damping", type=_per_optimizer(_positive_float), default=None, help="K-FAC Tikhonov damping")
+    g.add_argument("--factor-decay", type=_per_optimizer(_unit_float), default=None,
+                   help="K-FAC factor moving-average decay")
+    g.add_argument("--factor-every", type=_per_optimizer(_positive_int), default=None,
                    help="update the Kronecker factors every N steps (KFAC default 1)")
-    g.add_argument("--inverse-every", type=_positive_int, default=None,
+    g.add_argument("--inverse-every", type=_per_optimizer(_positive_int), default=None,
                    help="K-FAC: steps between eigendecompositions")
-    g.add_argument("--kl-clip", type=_positive_float, default=None, help="K-FAC KL clipping bound")
+    g.add_argument("--kl-clip", type=_per_optimizer(_nonneg_float), default=None,
+                   help="K-FAC KL clipping bound; 0 turns clipping off (as Izadi et al.)")
+    g.add_argument("--fisher-type", type=_per_optimizer(_fisher), default=None, metavar="{true,empirical}",
+                   help="K-FAC Fisher: true (targets sampled from the model, KFAC default) or empirical "
+                   "(the loss gradients, as Izadi et al.)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's own choice)")
     g.add_argument("--factor-structure", type=_factor_structure, default=None, metavar="S",
                    help="K-FAC input-factor structure of every layer: auto (default), full, block:K, "
                    "lowrank:R or diag; or per layer: conv1=lowrank:64,conv2=full (others auto)")
@@ -201,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "takes its share of the training nodes (full batch) or of the batches")
     t.add_argument("--dist-timeout", type=_positive_float, default=300.0, metavar="S",
                    help="--distributed: seconds a rank waits for the others before failing (default 300)")
+    t.add_argument("--no-input-dropout", dest="input_dropout", action="store_false",
+                   help="no dropout on the input features (Izadi et al.'s GCN; K-FAC then computes the first "
+                   "layer's input factor once); default: dropout on the input too, as Kipf & Welling")
+    t.add_argument("--select", choices=SELECTIONS, default="val-acc",
+                   help="model selection: report test accuracy at the epoch of best validation accuracy "
+                   "(val-acc, default) or of lowest validation loss (val-loss, Izadi et al.)")
     _common(t, default_epochs=200)
     t.set_defaults(_handler=cmd_train, _parser=t)
 
@@ -296,10 +344,10 @@ def _optimizer_config(args: argparse.Namespace, task: str, weight_decay: float):
     from .train import OptimizerConfig
 
     return OptimizerConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=weight_decay if args.weight_decay is None else args.weight_decay,
+        lr=args.lr, momentum=args.momentum, weight_decay=_with_default(args.weight_decay, weight_decay),
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
-        inverse_every=args.inverse_every, kl_clip=args.kl_clip,
-        factor_structure=getattr(args, "factor_structure", None), task=task,
+        inverse_every=args.inverse_every, kl_clip=args.kl_clip, fisher_type=args.fisher_type,
+        factor_structure=args.factor_structure, task=task,
     )
 
 
@@ -409,6 +457,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
         model=args.model, hidden=args.hidden, dropout=args.dropout, layers=layers, skip=args.skip,
         epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
         batch_size=args.batch_size, num_neighbors=args.num_neighbors,
+        input_dropout=args.input_dropout,
     )
     opt_cfg = _optimizer_config(args, "gnn", weight_decay=5e-4)
     split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
@@ -438,7 +487,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
     )
     if rank != 0:
         return 0
-    summary = summarise_node_runs(runs)
+    summary = summarise_node_runs(runs, args.select)
     out = _out_dir(args.out)
     payload = {
         "command": "train",
@@ -450,7 +499,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
             "classes": g0.num_classes, "train": int(g0.train_mask.sum()), "val": int(g0.val_mask.sum()),
             "test": int(g0.test_mask.sum()),
         },
-        "selection": "test accuracy at the epoch of best validation accuracy (ties: lower validation loss)",
+        "selection": SELECTION_TEXT[args.select],
         "summary": summary,
         "runs": runs,
     }
@@ -544,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     return args._handler(args._parser, args)
 
 

@@ -123,15 +123,18 @@ class GCN(nn.Module):
 class SAGE(nn.Module):
     """2-layer GraphSAGE with mean aggregation. forward(x [N, in] dense, edge_index) -> logits [N, out]."""
 
-    def __init__(self, in_channels: int, hidden: int = 16, out_channels: int = 2, dropout: float = 0.5) -> None:
+    def __init__(self, in_channels: int, hidden: int = 16, out_channels: int = 2, dropout: float = 0.5,
+                 input_dropout: bool = True) -> None:
         super().__init__()
         gnn = _pyg()
         self.dropout = dropout
+        self.input_dropout = input_dropout
         self.conv1 = gnn.SAGEConv(in_channels, hidden, aggr="mean")
         self.conv2 = gnn.SAGEConv(hidden, out_channels, aggr="mean")
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        x = input_dropout(x, self.dropout, self.training)
+        if self.input_dropout:
+            x = input_dropout(x, self.dropout, self.training)
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.dropout, self.training)
         return self.conv2(x, edge_index)
@@ -143,10 +146,12 @@ class GIN(nn.Module):
     forward(x [N, in] dense, edge_index) -> logits [N, out].
     """
 
-    def __init__(self, in_channels: int, hidden: int = 16, out_channels: int = 2, dropout: float = 0.5) -> None:
+    def __init__(self, in_channels: int, hidden: int = 16, out_channels: int = 2, dropout: float = 0.5,
+                 input_dropout: bool = True) -> None:
         super().__init__()
         gnn = _pyg()
         self.dropout = dropout
+        self.input_dropout = input_dropout
         self.conv1 = gnn.GINConv(
             nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, hidden)), train_eps=False
         )
@@ -155,7 +160,8 @@ class GIN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        x = input_dropout(x, self.dropout, self.training)
+        if self.input_dropout:
+            x = input_dropout(x, self.dropout, self.training)
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.dropout, self.training)
         return self.conv2(x, edge_index)
@@ -177,19 +183,22 @@ class DeepGCN(nn.Module):
         layers: int = 8,
         skip: bool = False,
         dropout: float = 0.5,
+        input_dropout: bool = True,
     ) -> None:
         super().__init__()
         if layers < 2:
             raise ValueError(f"layers must be at least 2, got {layers}")
         gnn = _pyg()
         self.dropout = dropout
+        self.input_dropout = input_dropout
         self.skip = skip
         dims = [in_channels] + [hidden] * (layers - 1) + [out_channels]
         self.convs = nn.ModuleList(gnn.GCNConv(a, b, cached=True) for a, b in zip(dims[:-1], dims[1:]))
         csr_friendly(self.convs[0].lin)
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        x = input_dropout(x, self.dropout, self.training)
+        if self.input_dropout:
+            x = input_dropout(x, self.dropout, self.training)
         x = F.relu(self.convs[0](x, edge_index))
         for conv in self.convs[1:-1]:
             h = F.relu(conv(F.dropout(x, self.dropout, self.training), edge_index))
@@ -287,14 +296,17 @@ def build_gnn(
     dropout: float = 0.5,
     layers: int = 2,
     skip: bool = False,
+    input_dropout: bool = True,
 ) -> nn.Module:
-    """A GNN by name (one of GNN_MODELS). `layers` and `skip` apply to "deep-gcn" only."""
+    """A GNN by name (one of GNN_MODELS). `layers` and `skip` apply to "deep-gcn" only;
+    `input_dropout=False` drops dropout on the raw input features (every model)."""
     if name == "gcn":
-        return GCN(in_channels, hidden, out_channels, dropout)
+        return GCN(in_channels, hidden, out_channels, dropout, input_dropout=input_dropout)
     if name == "sage":
-        return SAGE(in_channels, hidden, out_channels, dropout)
+        return SAGE(in_channels, hidden, out_channels, dropout, input_dropout=input_dropout)
     if name == "gin":
-        return GIN(in_channels, hidden, out_channels, dropout)
+        return GIN(in_channels, hidden, out_channels, dropout, input_dropout=input_dropout)
     if name == "deep-gcn":
-        return DeepGCN(in_channels, hidden, out_channels, layers=layers, skip=skip, dropout=dropout)
+        return DeepGCN(in_channels, hidden, out_channels, layers=layers, skip=skip, dropout=dropout,
+                       input_dropout=input_dropout)
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(GNN_MODELS)}")

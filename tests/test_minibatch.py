@@ -76,7 +76,7 @@ def test_kfac_gcn_input_factor_is_the_subgraphs_own(cora):
     g, data = cora
     torch.manual_seed(0)
     model = uncache_gcn(GCN(data.num_features, 8, 7, input_dropout=False).double())
-    opt = ngcuda.KFAC(model, factor_decay=0.0, lr=0.05)
+    opt = ngcuda.KFAC(model, factor_decay=0.0, lr=0.05, factor_structure="full")
     (b,) = list(neighbor_loader(data, g.train_mask.nonzero().flatten()[:20], [5, 5], batch_size=20))
     x = b.x.double()
     out = model(x, b.edge_index)

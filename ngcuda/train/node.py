@@ -38,6 +38,7 @@ class NodeConfig:
     normalize_features: bool = True
     batch_size: int | None = None  # None: full batch; else seed nodes per NeighborLoader batch
     num_neighbors: tuple[int, ...] = (10, 10)  # sampled neighbours per hop (mini-batch)
+    input_dropout: bool = True
 
 
 def pseudo_label_weight(epoch: int, epochs: int, gamma: float | None) -> float:
@@ -174,7 +175,8 @@ def train_node_classifier(
     x = prepare_features(graph, cfg, dense=bool(cfg.batch_size))
     torch.manual_seed(seed)
     model = build_gnn(
-        cfg.model, graph.num_features, graph.num_classes, cfg.hidden, cfg.dropout, cfg.layers, cfg.skip
+        cfg.model, graph.num_features, graph.num_classes, cfg.hidden, cfg.dropout, cfg.layers, cfg.skip,
+        input_dropout=cfg.input_dropout,
     ).to(device)
     train_ids = graph.train_mask.nonzero().flatten().cpu()
     train_mask = graph.train_mask
