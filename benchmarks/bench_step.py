@@ -26,7 +26,7 @@ from .workloads import VARIANTS, WORKLOADS, Workload, optimizer
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", default="gcn-cora,autoencoder", help=", ".join(WORKLOADS))
-    p.add_argument("--variants", default="adam,ngcuda-kfac,torch-kfac", help=", ".join(VARIANTS))
+    p.add_argument("--variants", default="adam,ngcuda-kfac,ngcuda-kfac-auto,torch-kfac", help=", ".join(VARIANTS))
     p.add_argument("--blocks", type=int, default=None,
                    help="timed blocks of inverse_every steps per variant (default 6 GCN, 3 autoencoder)")
 

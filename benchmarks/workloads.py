@@ -17,7 +17,10 @@ import ngcuda
 
 from .torch_kfac import TorchKFAC
 
-VARIANTS = ("adam", "ngcuda-kfac", "torch-kfac", "ngcuda-kfac-empirical", "torch-kfac-empirical")
+# ngcuda-kfac uses full factors, like the plain-PyTorch twin; ngcuda-kfac-auto is the product
+# default (factor_structure="auto": low rank for wide inputs).
+VARIANTS = ("adam", "ngcuda-kfac", "ngcuda-kfac-auto", "torch-kfac", "ngcuda-kfac-empirical",
+            "torch-kfac-empirical")
 
 
 @dataclass
@@ -38,7 +41,8 @@ def optimizer(variant: str, model: nn.Module, w: Workload) -> Any:
         return torch.optim.Adam(model.parameters(), **w.adam)
     kw = dict(w.kfac, fisher_type="empirical" if variant.endswith("-empirical") else "true")
     if variant.startswith("ngcuda-"):
-        return ngcuda.KFAC(model, **kw)
+        structure = "auto" if variant.endswith("-auto") else "full"
+        return ngcuda.KFAC(model, factor_structure=structure, **kw)
     return TorchKFAC(model, **kw)
 
 

@@ -174,7 +174,8 @@ def test_torch_kfac_matches_ngcuda_on_gcn(fisher):
         opt.set_outputs(out, mask=data.train_mask)
         F.cross_entropy(out[data.train_mask], data.y[data.train_mask]).backward()
 
-    ours = _train(ngcuda.KFAC, _seeded_gcn(x.shape[1], data.num_classes), 5, batch, fisher_type=fisher)
+    ours = _train(ngcuda.KFAC, _seeded_gcn(x.shape[1], data.num_classes), 5, batch, fisher_type=fisher,
+                  factor_structure="full")
     theirs = _train(TorchKFAC, _seeded_gcn(x.shape[1], data.num_classes), 5, batch, fisher_type=fisher)
     for a, b in zip(ours, theirs):
         assert (a - b).abs().max() <= 1e-4 * a.abs().max()
@@ -202,7 +203,8 @@ def test_torch_kfac_matches_ngcuda_on_mlp():
     torch.manual_seed(0)
     model = Autoencoder((784, 32, 16, 4))
     twin = copy.deepcopy(model)
-    ours = _train(ngcuda.KFAC, model, 2, batch, fisher_type="empirical", likelihood="bernoulli")
+    ours = _train(ngcuda.KFAC, model, 2, batch, fisher_type="empirical", likelihood="bernoulli",
+                  factor_structure="full")
     theirs = _train(TorchKFAC, twin, 2, batch, fisher_type="empirical", likelihood="bernoulli")
     for a, b in zip(ours, theirs):
         # a 784×784 output factor of rank 64 makes the damped inverse amplify rounding
