@@ -203,8 +203,9 @@ def node_table(summary: dict[str, dict[str, float]]) -> str:
         ]
         for name, s in summary.items()
     ]
-    return format_table(["optimizer", "test acc % (selected)", "val acc %", "selected epoch", "max-val-acc epoch", "ms/epoch",
-                         "seeds"], rows)
+    headers = ["optimizer", "test acc % (selected)", "val acc %", "selected epoch", "max-val-acc epoch",
+               "ms/epoch", "seeds"]
+    return format_table(headers, rows)
 
 
 def ae_table(summary: dict[str, dict[str, float]], reference: str = "adam") -> str:
