@@ -61,7 +61,7 @@ def test_all_quick_contents(quick_all):
     step = data["benchmarks"]["step"]
     assert [w["workload"] for w in step["workloads"]] == ["gcn-cora", "autoencoder"]
     for w in step["workloads"]:
-        assert [r["variant"] for r in w["variants"]] == ["adam", "ngcuda-kfac", "torch-kfac"]
+        assert [r["variant"] for r in w["variants"]] == ["adam", "ngcuda-kfac", "ngcuda-kfac-auto", "torch-kfac"]
         assert w["hyperparameters"]["kfac"]["inverse_every"] == w["steps_per_block"]
 
 
