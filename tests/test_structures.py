@@ -249,6 +249,38 @@ def test_auto_choice_by_shape():
     assert c2 >= c1
 
 
+def test_auto_choice_charges_a_constant_input_once():
+    # Cora's first GCN layer on dense features: recomputing A each step rules full out, but a
+    # constant feature matrix is averaged and decomposed once, so full fits the same budget.
+    cora = LayerShape(D=1434, d_out=16, rows=2708, nnz_x=2708 * 1433, sparse_x=False,
+                      nnz_adj=13264)
+    assert choose_structure(cora).name != "full"
+    assert choose_structure(cora, constant_input=True).name == "full"
+    full = parse_structure("full").cost(cora)
+    assert full.per_step(1, 10, True) < full.per_step(1, 10) / 10
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_auto_sees_whether_the_input_is_constant(dropout):
+    # D = 700, 40 rows: full fits the budget only when A is formed and decomposed once. At the
+    # first update both inputs look constant; the dropped-out one is found changed at the second.
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 699), torch.arange(40) % 4
+    model = nn.Sequential(nn.Dropout(0.5) if dropout else nn.Identity(), nn.Linear(699, 4))
+    opt = ngcuda.KFAC(model, lr=0.1, fisher_type="empirical")
+    picked = []
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        picked.append(opt.layers()[0].structure)
+        assert torch.isfinite(model[1].weight).all()
+    st = opt.state[model[1].weight]
+    assert picked[0] == "full"
+    assert picked[1] == picked[2] and (picked[1] != "full") == dropout
+    assert st["A_structure"] == picked[-1] and opt._structure(model[1]).ready(st)
+
+
 def test_auto_resolves_at_first_update_and_is_listed():
     _, opt, _ = run("auto", steps=1)
     assert [i.structure for i in opt.layers()] == ["full", "full"]

@@ -240,6 +240,8 @@ class KFAC(torch.optim.Optimizer):
                 f"plain (unpreconditioned) update: {', '.join(plain)}", KFACWarning, stacklevel=2)
         self.factor_budget = float(factor_budget)
         self._structures = self._configure_structures(factor_structure)
+        # layers whose automatic choice assumed a constant input, to be checked at their next update
+        self._provisional: set[int] = set()
         for layer in self._layers:
             layer.attach()
         # Distributed: None when off or world size 1 (then no collective call is ever made).
@@ -443,7 +445,8 @@ class KFAC(torch.optim.Optimizer):
                                  f"'{layer.name}' ({text}) gets plain K-FAC scaling")
         return out
 
-    def _structure(self, layer: KFACLayer, sources: Optional[list] = None) -> Any:
+    def _structure(self, layer: KFACLayer, sources: Optional[list] = None,
+                   constant_input: bool = False) -> Any:
         """The layer's factor structure; "auto" is resolved from the first rows it sees."""
         s = self._structures.get(id(layer))
         if s is None:
@@ -457,9 +460,23 @@ class KFAC(torch.optim.Optimizer):
                                nnz_adj=sum(x.adj_nnz() for x in sources))
             s = choose_structure(shape, int(_resolve(self.factor_every, self._step)),
                                  int(_resolve(self.inverse_every, self._step)),
-                                 self.factor_budget, self.seed + self._layers.index(layer))
+                                 self.factor_budget, self.seed + self._layers.index(layer),
+                                 constant_input)
             self._structures[id(layer)] = s
+            if constant_input:
+                self._provisional.add(id(layer))
         return s
+
+    def _rechoose_structure(self, layer: KFACLayer, st: dict, sources: list) -> None:
+        """A layer's input looked constant at its first update (so "auto" charged A's update and
+        eigendecomposition once) but has changed: choose again, and if the choice differs, drop
+        A's state so that the next update starts the new structure (G's average restarts too)."""
+        old = self._structures.pop(id(layer))
+        new = self._structure(layer, sources, constant_input=False)
+        if new.name != old.name:
+            for key in [k for k in st if k.startswith("A") or k in ("QA", "lamA", "S", "S_step")]:
+                del st[key]
+            layer.ekfac_cache = None
 
     def _structure_name(self, layer: KFACLayer) -> str:
         s = self._structures.get(id(layer))
@@ -567,9 +584,13 @@ class KFAC(torch.optim.Optimizer):
             ops.factor_update_(tg, g_rows, 0.0, False)
             sig = layer.signature(recs)
             ta = None
+            provisional = id(layer) in self._provisional and "A" in st
+            self._provisional.discard(id(layer))
             if not ("A" in st and st["A_pure"] and _same_signature(sig, layer.a_signature)):
                 sources = layer.row_sources(recs)
-                struct = self._structure(layer, sources)
+                if provisional:
+                    self._rechoose_structure(layer, st, sources)
+                struct = self._structure(layer, sources, constant_input=sig is not None)
                 ta = struct.statistic(sources, st, w.dtype, w.device)
             pending.append((layer, st, ta, tg, sig, recs, g_rows))
         return pending

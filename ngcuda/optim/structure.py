@@ -92,9 +92,19 @@ class Cost:
     precondition: float
     memory_bytes: int
 
-    def per_step(self, factor_every: int, inverse_every: int) -> float:
+    def per_step(self, factor_every: int, inverse_every: int, constant_input: bool = False
+                 ) -> float:
+        """Work per step; with a constant input A's update and eigendecomposition happen once,
+        so they are spread over :data:`CONSTANT_INPUT_STEPS` steps."""
+        if constant_input:
+            return (self.update + self.decompose) / CONSTANT_INPUT_STEPS + self.precondition
         return (self.update / max(1, factor_every) + self.decompose / max(1, inverse_every)
                 + self.precondition)
+
+
+# A constant input's A is formed and decomposed once: its one-off cost is charged as if spread over
+# this many steps (a short training run), so a one-off D³ that would take minutes still rules full out.
+CONSTANT_INPUT_STEPS = 100
 
 
 # A pair (i, j) of non-zeros of one sparse row added into a factor: ~200 dense flops (measured:
@@ -476,18 +486,21 @@ AUTO_FLOOR = 5e7
 
 
 def choose_structure(shape: LayerShape, factor_every: int = 1, inverse_every: int = 10,
-                     budget: float = 1.0, seed: int = 0) -> FactorStructure:
+                     budget: float = 1.0, seed: int = 0, constant_input: bool = False
+                     ) -> FactorStructure:
     """The automatic choice: the first of :data:`AUTO_CANDIDATES` whose estimated extra work per
     step (update / factor_every + eigendecomposition / inverse_every + preconditioning) is at most
     ``max(budget × the layer's own forward+backward work, AUTO_FLOOR)``; the cheapest otherwise.
-    Ranks and block sizes not smaller than D are skipped (they would be ``full``)."""
+    Ranks and block sizes not smaller than D are skipped (they would be ``full``).
+    ``constant_input``: the layer's input is the same tensor every step (a feature matrix without
+    input dropout), so A is updated and decomposed once (see :meth:`Cost.per_step`)."""
     limit = max(budget * shape.step_work(), AUTO_FLOOR)
     best, best_cost = None, math.inf
     for spec in AUTO_CANDIDATES:
         s = parse_structure(spec, seed)
         if isinstance(s, LowRank) and s.r >= shape.D or isinstance(s, Block) and s.k >= shape.D:
             continue
-        c = s.cost(shape).per_step(factor_every, inverse_every)
+        c = s.cost(shape).per_step(factor_every, inverse_every, constant_input)
         if c <= limit:
             return s
         if c < best_cost:
