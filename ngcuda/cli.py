@@ -1,25 +1,33 @@
-"""Command line: `ngcuda train` (GNN node classification) and `ngcuda train-ae` (MNIST autoencoder).
+"""Command line: `ngcuda train` (GNN node classification), `ngcuda train-ae` (MNIST autoencoder),
+`ngcuda train-vae` (MNIST variational autoencoder) and `ngcuda bench` (the microbenchmarks of a source
+checkout, as `python -m benchmarks`).
 
-Both train the same model with several optimizers side by side over one or more seeds, write
-metrics.json, metrics.csv and curves.png into --out, and print a results table. Examples:
+The training commands train the same model with several optimizers side by side over one or more seeds,
+write metrics.json, metrics.csv and curves.png into --out, and print a results table. Examples:
 
     ngcuda train                                   # GCN on Cora, K-FAC vs Adam
     ngcuda train --dataset citeseer --optimizers kfac-adam,adam --seeds 10
     ngcuda train --dataset coauthor-cs --data-root shared/data/npz --model deep-gcn --layers 8
     ngcuda train-ae --optimizers kfac,adam,sgd --epochs 20
+    torchrun --nproc_per_node 2 -m ngcuda train --distributed     # data parallel, 2 processes
+    ngcuda train-vae --data-root shared/data/mnist --epochs 20
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .data import GRAPH_DATASETS, NPZ_DATASETS, load_graph, load_mnist
 from .models import GNN_MODELS
+from .train.metrics import SELECTION_TEXT, SELECTIONS
 
 DEFAULT_DEEP_LAYERS = 8
 
@@ -76,6 +84,53 @@ def parse_seeds(text: str) -> list[int]:
     return values
 
 
+def _neighbors(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values or any(v == 0 or v < -1 for v in values):
+        raise argparse.ArgumentTypeError(f"neighbours per hop must be positive or -1, got {text!r}")
+    return values
+
+
+def _init_distributed(parser: argparse.ArgumentParser, device_name: str, timeout: float) -> tuple[int, int]:
+    """Joins torchrun's process group (gloo on CPU, NCCL on CUDA); returns (rank, world size)."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        parser.error("--distributed: run under torchrun (e.g. torchrun --nproc_per_node 2 -m ngcuda train "
+                     "--distributed); RANK and WORLD_SIZE are not set")
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _factor_structure(text: str) -> str | dict[str, str]:
+    """'lowrank:64' -> 'lowrank:64'; 'conv1=diag,conv2=full' -> {'conv1': 'diag', 'conv2': 'full'}."""
+    from .optim.structure import parse_structure
+
+    def check(spec: str) -> str:
+        if spec.strip().lower() != "auto":
+            try:
+                parse_structure(spec)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return spec.strip().lower()
+
+    if "=" not in text:
+        return check(text)
+    out = {}
+    for part in text.split(","):
+        name, sep, spec = part.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected LAYER=STRUCTURE pairs, got {part!r}")
+        out[name.strip()] = check(spec)
+    return out
+
+
 def _optimizers(text: str) -> list[str]:
     from .train.optimizers import parse_optimizers
 
@@ -85,30 +140,74 @@ def _optimizers(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _per_optimizer(convert):
+    """argparse type: VALUE for every optimizer, or NAME=VALUE,... per optimizer (an unnamed VALUE in the list
+    is the default for the others), e.g. --lr 0.01,kfac=0.05."""
+    from .train.optimizers import parse_per_optimizer
+
+    def parse(text: str):
+        try:
+            return parse_per_optimizer(text, convert)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = convert.__name__.lstrip("_")
+    return parse
+
+
+def _fisher(text: str) -> str:
+    if text not in ("true", "empirical"):
+        raise argparse.ArgumentTypeError(f"expected true or empirical, got {text!r}")
+    return text
+
+
+def _with_default(value, default):
+    """A per-optimizer dict gets `default` for the optimizers it does not name."""
+    if value is None:
+        return default
+    if isinstance(value, dict) and "*" not in value:
+        return {"*": default, **value}
+    return value
+
+
 def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="folder with the dataset files (default: the data shipped with ngcuda)")
     p.add_argument("--optimizers", type=_optimizers, default=None, metavar="LIST",
                    help="comma list of adam, sgd, kfac, kfac-adam, kfac-sgd "
-                   "(default: train kfac,adam; train-ae kfac,adam,sgd)")
+                   "(default: train kfac,adam; train-ae kfac,adam,sgd; train-vae kfac,kfac-adam,adam)")
     p.add_argument("--seeds", type=parse_seeds, default=None, metavar="N|LIST",
                    help="number of seeds (3 means 0,1,2) or a comma list of seeds (default 1: seed 0)")
     p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (default)")
-    g = p.add_argument_group("optimizer hyperparameters (K-FAC options default to ngcuda.KFAC's own)")
-    g.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate for every optimizer (default: per optimizer, see ngcuda.train.optimizers)")
-    g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD and K-FAC momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
-                   help="L2 coefficient (default: train 5e-4, train-ae 0)")
-    g.add_argument("--damping", type=_positive_float, default=None, help="K-FAC Tikhonov damping")
-    g.add_argument("--factor-decay", type=_unit_float, default=None, help="K-FAC factor moving-average decay")
-    g.add_argument("--factor-every", type=_positive_int, default=None,
+    g = p.add_argument_group(
+        "optimizer hyperparameters (K-FAC options default to ngcuda.KFAC's own)",
+        "Each takes one VALUE for every optimizer, or a per-optimizer list NAME=VALUE,... where an unnamed "
+        "VALUE is the default for the others: --lr 0.01,kfac=0.05 --damping kfac=0.01,kfac-adam=1")
+    g.add_argument("--lr", type=_per_optimizer(_positive_float), default=None,
+                   help="learning rate (default: per optimizer, see ngcuda.train.optimizers)")
+    g.add_argument("--momentum", type=_per_optimizer(_unit_float), default=0.9,
+                   help="SGD and K-FAC momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=_per_optimizer(_nonneg_float), default=None,
+                   help="L2 coefficient (default: train 5e-4, train-ae and train-vae 0)")
+    g.add_argument("--damping", type=_per_optimizer(_positive_float), default=None, help="K-FAC Tikhonov damping")
+    g.add_argument("--factor-decay", type=_per_optimizer(_unit_float), default=None,
+                   help="K-FAC factor moving-average decay")
+    g.add_argument("--factor-every", type=_per_optimizer(_positive_int), default=None,
                    help="update the Kronecker factors every N steps (KFAC default 1)")
-    g.add_argument("--inverse-every", type=_positive_int, default=None,
+    g.add_argument("--inverse-every", type=_per_optimizer(_positive_int), default=None,
                    help="K-FAC: steps between eigendecompositions")
-    g.add_argument("--kl-clip", type=_positive_float, default=None, help="K-FAC KL clipping bound")
+    g.add_argument("--kl-clip", type=_per_optimizer(_nonneg_float), default=None,
+                   help="K-FAC KL clipping bound; 0 turns clipping off (as Izadi et al.)")
+    g.add_argument("--fisher-type", type=_per_optimizer(_fisher), default=None, metavar="{true,empirical}",
+                   help="K-FAC Fisher: true (targets sampled from the model, KFAC default) or empirical "
+                   "(the loss gradients, as Izadi et al.)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's own choice)")
+    g.add_argument("--factor-structure", type=_factor_structure, default=None, metavar="S",
+                   help="K-FAC input-factor structure of every layer: auto (default), full, block:K, "
+                   "lowrank:R or diag; or per layer: conv1=lowrank:64,conv2=full (others auto)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default runs/<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -135,18 +234,70 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add (t/T)^GAMMA x cross-entropy of unlabelled nodes against their argmax prediction")
     t.add_argument("--no-normalize-features", dest="normalize_features", action="store_false",
                    help="keep raw features (default: row-normalise, as GCN does)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="mini-batch training: B training (seed) nodes per NeighborLoader batch (default: full batch)")
+    t.add_argument("--num-neighbors", type=_neighbors, default=(10, 10), metavar="K1,K2",
+                   help="mini-batch: neighbours sampled per hop, -1 for all (default 10,10)")
+    t.add_argument("--distributed", action="store_true",
+                   help="data parallel over the processes of torchrun (gloo on CPU, NCCL on GPU): each rank "
+                   "takes its share of the training nodes (full batch) or of the batches")
+    t.add_argument("--dist-timeout", type=_positive_float, default=300.0, metavar="S",
+                   help="--distributed: seconds a rank waits for the others before failing (default 300)")
+    t.add_argument("--no-input-dropout", dest="input_dropout", action="store_false",
+                   help="no dropout on the input features (Izadi et al.'s GCN; K-FAC then computes the first "
+                   "layer's input factor once); default: dropout on the input too, as Kipf & Welling")
+    t.add_argument("--select", choices=SELECTIONS, default="val-acc",
+                   help="model selection: report test accuracy at the epoch of best validation accuracy "
+                   "(val-acc, default) or of lowest validation loss (val-loss, Izadi et al.)")
     _common(t, default_epochs=200)
     t.set_defaults(_handler=cmd_train, _parser=t)
 
     a = sub.add_parser("train-ae", help="MNIST deep autoencoder, optimizers side by side",
                        description="Train the 784-1000-500-250-30 MNIST autoencoder with several optimizers. "
                        "Without --data-root the shipped 10k MNIST test images are used: 8000 train, 2000 test.")
-    a.add_argument("--batch-size", type=_positive_int, default=1000, help="default 1000")
-    a.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
-                   help="use only the first N training images (quick runs)")
+    _mnist_options(a)
     _common(a, default_epochs=10)
     a.set_defaults(_handler=cmd_train_ae, _parser=a)
+
+    v = sub.add_parser("train-vae", help="MNIST variational autoencoder, optimizers side by side",
+                       description="Train a VAE (encoder 784-512-256 to mu and log sigma^2, mirrored Bernoulli "
+                       "decoder) on MNIST by minimising the negative ELBO, with several optimizers. Data as "
+                       "train-ae: without --data-root the shipped 10k MNIST test images, 8000 train / 2000 test.")
+    v.add_argument("--latent", type=_positive_int, default=20, help="latent dimensions (default 20)")
+    v.add_argument("--no-kl-curvature", dest="kl_curvature", action="store_false",
+                   help="K-FAC: leave the KL term's Gauss-Newton curvature out of the encoder's Fisher (ablation)")
+    v.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
+                   help="report test metrics after this much training time too (default: the shortest run's time)")
+    _mnist_options(v)
+    _common(v, default_epochs=10)
+    v.set_defaults(_handler=cmd_train_vae, _parser=v)
+
+    # listed for `ngcuda --help`; main() hands everything after `bench` to the benchmarks' parser
+    sub.add_parser("bench", add_help=False, help="microbenchmarks, as python -m benchmarks (source checkout)")
     return parser
+
+
+def _mnist_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="default 1000")
+    p.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
+                   help="use only the first N training images (quick runs)")
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """`ngcuda bench ...` is `python -m benchmarks ...`. The benchmarks are not installed with the
+    package, so they are looked up next to it (an editable install or a checkout)."""
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "benchmarks" / "cli.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        bench = importlib.import_module("benchmarks.cli")
+    except ImportError:
+        print("ngcuda bench: the benchmarks/ folder is not here; run it from a source checkout "
+              "(pip install -e .) or use `python -m benchmarks` there", file=sys.stderr)
+        return 2
+    return bench.main(list(argv))
 
 
 def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
@@ -188,34 +339,127 @@ def _config(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
-def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .train import NodeConfig, OptimizerConfig, summarise_node_runs, train_node_classifier, write_metrics
-    from .train.metrics import node_table
-    from .train.plot import plot_runs
+def _optimizer_config(args: argparse.Namespace, task: str, weight_decay: float):
+    """The OptimizerConfig of the common options; `weight_decay` applies when --weight-decay is not given."""
+    from .train import OptimizerConfig
 
+    return OptimizerConfig(
+        lr=args.lr, momentum=args.momentum, weight_decay=_with_default(args.weight_decay, weight_decay),
+        damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
+        inverse_every=args.inverse_every, kl_clip=args.kl_clip, fisher_type=args.fisher_type,
+        factor_structure=args.factor_structure, task=task,
+    )
+
+
+def _side_by_side(
+    optimizers: list[str],
+    seeds: list[int],
+    args: argparse.Namespace,
+    train_one: Callable[[str, int, Callable[[dict], None]], dict],
+    postfix: Callable[[dict], dict[str, str]],
+) -> list[dict]:
+    """Runs train_one(name, seed, on_epoch) for every seed and optimizer under one progress bar
+    (showing postfix(row) after each epoch); returns the runs in that order."""
+    runs = []
+    bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
+    try:
+        for seed in seeds:
+            for name in optimizers:
+                bar.set_description(f"{name} seed {seed}")
+
+                def tick(row: dict) -> None:
+                    bar.update(1)
+                    bar.set_postfix(**postfix(row), refresh=False)
+
+                runs.append(train_one(name, seed, tick))
+    finally:
+        bar.close()
+    return runs
+
+
+@dataclass
+class _MnistJob:
+    """What train-ae and train-vae share: optimizers, seeds, device and the images."""
+
+    optimizers: list[str]
+    seeds: list[int]
+    device: torch.device
+    x_train: torch.Tensor
+    x_test: torch.Tensor
+    source: str
+
+    def payload(self, args: argparse.Namespace, summary: dict, runs: list[dict], **extra) -> dict:
+        """The metrics.json contents."""
+        config = _config(args) | {"optimizers": self.optimizers, "seeds": self.seeds, "data": self.source}
+        return {"command": args.command, "config": config, "device": str(self.device), **extra,
+                "summary": summary, "runs": runs}
+
+
+def _mnist_job(parser: argparse.ArgumentParser, args: argparse.Namespace, default_optimizers: list[str]
+               ) -> _MnistJob | None:
+    """Checks the options and reads MNIST as train-ae and train-vae do: --data-root's 60k/10k files, or the
+    shipped 10k split 8000/2000; --train-size keeps the first N. None (after a message) when data is missing."""
+    optimizers = args.optimizers or default_optimizers
+    _check_optimizers(parser, optimizers)
+    device = _device(parser, args.device)
+    try:
+        x_train, _ = load_mnist(args.data_root, train=True)
+        x_test, _ = load_mnist(args.data_root, train=False)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ngcuda {args.command}: error: {e}", file=sys.stderr)
+        return None
+    if args.train_size is not None:
+        x_train = x_train[: args.train_size]
+    source = "shipped 10k test set (8000/2000)" if args.data_root is None else str(args.data_root)
+    if not args.quiet:
+        print(f"MNIST from {source}: {x_train.shape[0]} train, {x_test.shape[0]} test images; "
+              f"batch {args.batch_size}; device {device}", flush=True)
+    return _MnistJob(optimizers, args.seeds or [0], device, x_train, x_test, source)
+
+
+def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.model != "deep-gcn" and args.layers is not None:
         parser.error(f"--layers applies to --model deep-gcn only (got --model {args.model})")
     if args.model != "deep-gcn" and args.skip:
         parser.error(f"--skip applies to --model deep-gcn only (got --model {args.model})")
     if args.dataset in NPZ_DATASETS and args.split not in (None, "random"):
         parser.error(f"--split {args.split}: {args.dataset} has only the random split (20/30 per class)")
+    if args.distributed and args.pseudo_label_gamma is not None:
+        parser.error("--pseudo-label-gamma is not supported with --distributed")
     optimizers = args.optimizers or ["kfac", "adam"]
     seeds = args.seeds or [0]
     _check_optimizers(parser, optimizers)
+    rank, world = _init_distributed(parser, args.device, args.dist_timeout) if args.distributed else (0, 1)
+    try:
+        return _train(parser, args, optimizers, seeds, rank, world)
+    finally:
+        if args.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers: list[str], seeds: list[int],
+           rank: int, world: int) -> int:
+    from .train import NodeConfig, summarise_node_runs, train_node_classifier, write_metrics
+    from .train.metrics import node_table
+    from .train.plot import plot_runs
+
     device = _device(parser, args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if rank != 0:
+        args.quiet = True  # rank 0 reports and writes
     layers = args.layers or (DEFAULT_DEEP_LAYERS if args.model == "deep-gcn" else 2)
     if args.model == "deep-gcn" and layers < 2:
         parser.error(f"--layers must be at least 2, got {layers}")
     cfg = NodeConfig(
         model=args.model, hidden=args.hidden, dropout=args.dropout, layers=layers, skip=args.skip,
         epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
+        batch_size=args.batch_size, num_neighbors=args.num_neighbors,
+        input_dropout=args.input_dropout,
     )
-    opt_cfg = OptimizerConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=5e-4 if args.weight_decay is None else args.weight_decay,
-        damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
-        inverse_every=args.inverse_every,
-        kl_clip=args.kl_clip, task="gnn",
-    )
+    opt_cfg = _optimizer_config(args, "gnn", weight_decay=5e-4)
     split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
     try:
         if split == "random":  # one split per seed
@@ -231,27 +475,23 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(
             f"{args.dataset}: {g0.num_nodes} nodes, {g0.num_edges} directed edges, {g0.num_features} features, "
             f"{g0.num_classes} classes; split {split} {int(g0.train_mask.sum())}/{int(g0.val_mask.sum())}/"
-            f"{int(g0.test_mask.sum())}; model {args.model}; device {device}",
+            f"{int(g0.test_mask.sum())}; model {args.model}; device {device}"
+            + (f"; {world} processes" if world > 1 else "")
+            + (f"; mini-batches of {args.batch_size}" if args.batch_size else ""),
             flush=True,
         )
-    runs = []
-    bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
-    try:
-        for seed in seeds:
-            for name in optimizers:
-                bar.set_description(f"{name} seed {seed}")
-
-                def tick(row: dict) -> None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}", refresh=False)
-
-                runs.append(train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick))
-    finally:
-        bar.close()
-    summary = summarise_node_runs(runs)
+    runs = _side_by_side(
+        optimizers, seeds, args,
+        lambda name, seed, tick: train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick),
+        lambda row: {"loss": f"{row['train_loss']:.3f}", "val": f"{row['val_acc']:.3f}"},
+    )
+    if rank != 0:
+        return 0
+    summary = summarise_node_runs(runs, args.select)
     out = _out_dir(args.out)
     payload = {
         "command": "train",
+        "world_size": world,
         "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "split": split, "layers": layers},
         "device": str(device),
         "dataset": {
@@ -259,7 +499,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "classes": g0.num_classes, "train": int(g0.train_mask.sum()), "val": int(g0.val_mask.sum()),
             "test": int(g0.test_mask.sum()),
         },
-        "selection": "test accuracy at the epoch of best validation accuracy (ties: lower validation loss)",
+        "selection": SELECTION_TEXT[args.select],
         "summary": summary,
         "runs": runs,
     }
@@ -275,71 +515,86 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .train import AEConfig, OptimizerConfig, summarise_ae_runs, train_autoencoder, write_metrics
+    from .train import AEConfig, summarise_ae_runs, train_autoencoder, write_metrics
     from .train.metrics import ae_table
     from .train.plot import plot_runs
 
-    optimizers = args.optimizers or ["kfac", "adam", "sgd"]
-    seeds = args.seeds or [0]
-    _check_optimizers(parser, optimizers)
-    device = _device(parser, args.device)
-    try:
-        x_train, _ = load_mnist(args.data_root, train=True)
-        x_test, _ = load_mnist(args.data_root, train=False)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"ngcuda train-ae: error: {e}", file=sys.stderr)
+    job = _mnist_job(parser, args, ["kfac", "adam", "sgd"])
+    if job is None:
         return 1
-    if args.train_size is not None:
-        x_train = x_train[: args.train_size]
     cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size)
-    opt_cfg = OptimizerConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
-        damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
-        inverse_every=args.inverse_every,
-        kl_clip=args.kl_clip, task="ae",
+    opt_cfg = _optimizer_config(args, "ae", weight_decay=0.0)
+    runs = _side_by_side(
+        job.optimizers, job.seeds, args,
+        lambda name, seed, tick: train_autoencoder(job.x_train, job.x_test, name, seed, cfg, opt_cfg, job.device,
+                                                   tick),
+        lambda row: {"ce": f"{row['train_bce']:.1f}", "se": f"{row['train_sq_err']:.2f}"},
     )
-    source = "shipped 10k test set (8000/2000)" if args.data_root is None else str(args.data_root)
-    if not args.quiet:
-        print(f"MNIST from {source}: {x_train.shape[0]} train, {x_test.shape[0]} test images; batch {cfg.batch_size}; "
-              f"device {device}", flush=True)
-    runs = []
-    bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
-    try:
-        for seed in seeds:
-            for name in optimizers:
-                bar.set_description(f"{name} seed {seed}")
-
-                def tick(row: dict) -> None:
-                    bar.update(1)
-                    bar.set_postfix(ce=f"{row['train_bce']:.1f}", se=f"{row['train_sq_err']:.2f}", refresh=False)
-
-                runs.append(train_autoencoder(x_train, x_test, name, seed, cfg, opt_cfg, device, tick))
-    finally:
-        bar.close()
     summary = summarise_ae_runs(runs)
     out = _out_dir(args.out)
-    payload = {
-        "command": "train-ae",
-        "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "data": source},
-        "device": str(device),
-        "summary": summary,
-        "runs": runs,
-    }
-    json_path, csv_path = write_metrics(out, payload)
+    json_path, csv_path = write_metrics(out, job.payload(args, summary, runs))
     png = plot_runs(
         runs, out / "curves.png",
         [("train_bce", "train cross-entropy / image", True), ("train_sq_err", "train squared error / image", True)],
-        f"MNIST autoencoder, mean over {len(seeds)} seed(s)",
+        f"MNIST autoencoder, mean over {len(job.seeds)} seed(s)",
     )
     print(ae_table(summary))
     print(f"wrote {json_path}, {csv_path}, {png}")
     return 0
 
 
+def cmd_train_vae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .train import VAEConfig, summarise_vae_runs, train_vae, write_metrics
+    from .train.metrics import vae_table
+    from .train.plot import plot_runs, plot_vae_grid
+    from .train.vae import vae_images
+
+    job = _mnist_job(parser, args, ["kfac", "kfac-adam", "adam"])
+    if job is None:
+        return 1
+    cfg = VAEConfig(epochs=args.epochs, batch_size=args.batch_size, latent=args.latent,
+                    kl_curvature=args.kl_curvature)
+    opt_cfg = _optimizer_config(args, "vae", weight_decay=0.0)
+    out = _out_dir(args.out)
+    grids = []
+
+    def train_one(name: str, seed: int, tick: Callable[[dict], None]) -> dict:
+        run, model = train_vae(job.x_train, job.x_test, name, seed, cfg, opt_cfg, job.device, tick)
+        if seed == job.seeds[0]:  # one grid per optimizer, from its first seed
+            orig, rec, drawn = vae_images(model, job.x_test[:20].to(job.device), samples=30, seed=seed)
+            grids.append(plot_vae_grid(orig, rec, drawn, out / f"grid-{name}.png",
+                                       f"VAE, {name}, seed {seed}, after {args.epochs} epochs"))
+        return run
+
+    runs = _side_by_side(
+        job.optimizers, job.seeds, args, train_one,
+        lambda row: {"elbo": f"{-row['train_neg_elbo']:.1f}", "ce": f"{row['test_bce']:.1f}"},
+    )
+    summary = summarise_vae_runs(runs, args.time_budget)
+    payload = job.payload(args, summary, runs,
+                          metrics="per image, one z sample per image from a fixed noise seed: neg_elbo = bce + kl")
+    json_path, csv_path = write_metrics(out, payload)
+    png = plot_runs(
+        runs, out / "curves.png",
+        [("test_neg_elbo", "test negative ELBO / image", False),
+         ("test_bce", "test reconstruction CE / image", False),
+         ("test_kl", "test KL / image", False)],
+        f"MNIST VAE (latent {args.latent}), mean over {len(job.seeds)} seed(s)",
+    )
+    print(vae_table(summary))
+    print(f"wrote {json_path}, {csv_path}, {png}, {', '.join(str(g) for g in grids)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ngcuda` command. Returns the exit status (argparse errors exit with 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     return args._handler(args._parser, args)
 
 

@@ -10,6 +10,16 @@ settings.register_profile(
 settings.load_profile("ngcuda")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core CI box OpenMP threads of tiny steps only spin-wait, and
+    oversubscribed multi-threaded LAPACK crawls (10x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cuda_ready() -> bool:
     import ngcuda
 

@@ -45,15 +45,6 @@ def train_cora(data, epochs: int = 100, fisher_rows: str = "train", hidden: int 
     return float((pred[data.test_mask] == data.y[data.test_mask]).float().mean())
 
 
-@pytest.fixture
-def one_thread():
-    # Oversubscribed shared CPUs make multi-threaded LAPACK crawl (10x); one thread is steady.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_cora_gcn_reaches_80_percent_in_100_epochs(one_thread):
     data = load_cora()
     assert data.x.shape == (2708, 1433) and int(data.train_mask.sum()) == 140

@@ -11,12 +11,8 @@ from ngcuda.models import GCN, GIN, SAGE, Autoencoder, DeepGCN, build_gnn, input
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny full-batch steps: OpenMP threads only add spin-wait overhead, badly so on a shared 2-core CI box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test of this file on one thread (the fixture is in conftest.py)."""
 
 
 def tiny_graph(n: int = 13, f: int = 5, seed: int = 0):
@@ -112,3 +108,25 @@ def test_autoencoder_structure_and_shapes():
     assert code.shape == (3, 30) and (code.min() < 0 or code.max() > 1)  # linear, not squashed
     small = Autoencoder((6, 4, 2))
     assert small(torch.rand(1, 6)).shape == (1, 6)
+
+
+@pytest.mark.parametrize("name", ["gcn", "sage", "gin", "deep-gcn"])
+def test_input_dropout_off_leaves_the_features_alone(name):
+    # Izadi et al.'s GCN has no dropout on the raw features: with it off, the first layer sees x itself
+    # in training mode (only the hidden dropout differs between two forward passes).
+    x, ei = tiny_graph()
+    torch.manual_seed(0)
+    model = build_gnn(name, 5, 3, hidden=7, layers=3, input_dropout=False).train()
+    assert model.input_dropout is False
+    first = model.conv1 if hasattr(model, "conv1") else model.convs[0]
+    seen = []
+    first.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    model(x, ei)
+    assert seen[0] is x
+    on = build_gnn(name, 5, 3, hidden=7, layers=3).train()
+    assert on.input_dropout is True
+    first = on.conv1 if hasattr(on, "conv1") else on.convs[0]
+    seen.clear()
+    first.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    on(x, ei)
+    assert not torch.equal(seen[0], x)

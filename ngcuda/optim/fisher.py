@@ -17,16 +17,26 @@ Likelihoods (``outputs`` are per-row, ``[N, ...]``):
   ``−log p = ½‖z − ỹ‖²`` (unit variance; ``F.mse_loss``'s mean over the columns rescales the
   Fisher by a constant, which lr and damping absorb).
 * ``"bernoulli"`` (binary cross-entropy): ``outputs`` are logits; ``ỹ ~ Bernoulli(σ(z))``.
+
+Extra loss terms (``set_outputs(..., extra_terms=[(t, h), ...])``): a term of the loss that is a
+convex function of an intermediate tensor ``t`` (not a likelihood of observed targets), with a
+diagonal Hessian ``diag(h)`` w.r.t. each row of ``t``, e.g. a VAE's KL term w.r.t. ``μ`` and
+``log σ²``. Its generalised Gauss-Newton block ``Jᵀ diag(h) J`` is added to the sampled Fisher by
+backpropagating the probe ``√h ⊙ ξ`` (``ξ ~ N(0, I)``) from ``t`` in the same backward pass as the
+sampled targets: ``E[ξ] = 0`` makes the cross terms vanish in expectation, so the output-gradient
+covariance is the sum of the two curvatures. This is the sampled Fisher of a Gaussian with precision
+``h`` centred at ``t`` (:func:`probe_term`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FISHER_TYPES", "LIKELIHOODS", "normalize_likelihood", "row_weights", "sampled_nll"]
+__all__ = ["FISHER_TYPES", "LIKELIHOODS", "normalize_likelihood", "probe_term", "row_weights",
+           "sampled_nll"]
 
 FISHER_TYPES = ("true", "empirical")
 LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
@@ -99,3 +109,31 @@ def sampled_nll(outputs: Tensor, likelihood: str, weight: Tensor,
         nll = nll.reshape(z.shape[0], -1).sum(1)
     # √w: a row of weight w then adds w·(its per-row Fisher) to Σ ĝĝᵀ, i.e. a weighted mean.
     return (w.sqrt() * nll).sum()
+
+
+def probe_term(tensor: Tensor, hessian: Union[Tensor, float], weight: Tensor,
+               generator: Optional[torch.Generator]) -> Tensor:
+    """``Σ_i √w_i · Σ_j √h_ij ξ_ij t_ij`` with ``ξ ~ N(0, 1)`` (scalar), for an extra loss term.
+
+    Its gradient w.r.t. row ``t_i`` is ``√(w_i h_i) ⊙ ξ_i``, of covariance ``w_i diag(h_i)``: so
+    backpropagated, it adds ``w_i Jᵀ diag(h_i) J`` to the sampled curvature (see the module notes).
+
+    Args:
+        tensor: [N, ...] part of the autograd graph (e.g. a VAE's μ or log σ²).
+        hessian: the loss term's per-row Hessian diagonal w.r.t. ``tensor``: a float or a tensor
+            broadcastable to ``tensor``, finite and >= 0 (detached here).
+        weight: [N] row weights (as for :func:`sampled_nll`).
+    """
+    if not isinstance(tensor, Tensor) or tensor.dim() == 0 or tensor.shape[0] != weight.shape[0]:
+        got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise ValueError(f"extra_terms: each tensor must have the outputs' {weight.shape[0]} rows, "
+                         f"got {got}")
+    h = torch.as_tensor(hessian, dtype=tensor.dtype, device=tensor.device).detach()
+    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+        raise ValueError("extra_terms: each Hessian diagonal must be finite and >= 0")
+    with torch.no_grad():
+        xi = torch.randn(tensor.shape, generator=generator, device=tensor.device,
+                         dtype=tensor.dtype)
+        scale = torch.broadcast_to(h, tensor.shape).sqrt() * xi
+        scale = scale * weight.to(tensor.dtype).sqrt().reshape((-1,) + (1,) * (tensor.dim() - 1))
+    return (scale * tensor).sum()

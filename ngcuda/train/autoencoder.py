@@ -1,7 +1,6 @@
 """MNIST deep-autoencoder training: minibatches over a shuffled index, evaluated on the full sets every epoch."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import Autoencoder
+from .loop import minibatch_epochs
 from .optimizers import OptimizerConfig, make_optimizer
 
 
@@ -54,11 +54,6 @@ def reconstruction_errors(model: nn.Module, x: torch.Tensor, batch_size: int = 2
     return ce / n, se / n
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_autoencoder(
     x_train: torch.Tensor,
     x_test: torch.Tensor,
@@ -78,28 +73,12 @@ def train_autoencoder(
     torch.manual_seed(seed)
     model = Autoencoder().to(device)
     optimizer = make_optimizer(optimizer_name, model, opt_cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    seconds = 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(x_train.shape[0], generator=gen).to(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        for i in range(0, x_train.shape[0], cfg.batch_size):
-            ae_train_step(model, optimizer, x_train[order[i : i + cfg.batch_size]])
-        _sync(device)
-        seconds += time.perf_counter() - t0
+
+    def evaluate() -> dict[str, float]:
         train_ce, train_se = reconstruction_errors(model, x_train)
         test_ce, test_se = reconstruction_errors(model, x_test)
-        row = {
-            "epoch": epoch,
-            "train_bce": train_ce,
-            "train_sq_err": train_se,
-            "test_bce": test_ce,
-            "test_sq_err": test_se,
-            "seconds": seconds,
-        }
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
+        return {"train_bce": train_ce, "train_sq_err": train_se, "test_bce": test_ce, "test_sq_err": test_se}
+
+    history = minibatch_epochs(x_train, cfg.epochs, cfg.batch_size, seed,
+                               lambda batch: ae_train_step(model, optimizer, batch), evaluate, on_epoch)
     return {"optimizer": optimizer_name, "seed": seed, "history": history}

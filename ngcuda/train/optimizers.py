@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,13 +17,19 @@ OPTIMIZERS = ("adam", "sgd", "kfac", "kfac-adam", "kfac-sgd")
 DEFAULT_LR = {
     "gnn": {"adam": 0.01, "sgd": 0.2, "kfac": 0.1, "kfac-adam": 0.01, "kfac-sgd": 0.01},
     "ae": {"adam": 1e-3, "sgd": 1e-3, "kfac": 0.1, "kfac-adam": 1e-3, "kfac-sgd": 1e-3},
+    "vae": {"adam": 1e-3, "sgd": 1e-4, "kfac": 0.1, "kfac-adam": 1e-3, "kfac-sgd": 1e-4},
 }
+
+
+PER_OPTIMIZER_FIELDS = ("lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_every",
+                        "inverse_every", "kl_clip", "fisher_type")
 
 
 @dataclass
 class OptimizerConfig:
     """Hyperparameters shared by every optimizer. None means: the optimizer's own default (K-FAC options)
-    or DEFAULT_LR[task][name] (lr)."""
+    or DEFAULT_LR[task][name] (lr). Any field of PER_OPTIMIZER_FIELDS may instead be a dict
+    {optimizer name or "*": value} (see `parse_per_optimizer`); `for_optimizer` resolves it."""
 
     lr: float | None = None
     momentum: float = 0.9
@@ -32,10 +39,47 @@ class OptimizerConfig:
     factor_every: int | None = None
     inverse_every: int | None = None
     kl_clip: float | None = None
+    factor_structure: str | None = None
+    fisher_type: str | None = None
     task: str = "gnn"
 
+    def for_optimizer(self, name: str) -> "OptimizerConfig":
+        """A copy with every per-optimizer dict replaced by the value for `name` (else its "*" entry, else
+        None, i.e. the default)."""
+        values = {}
+        for f in PER_OPTIMIZER_FIELDS:
+            v = getattr(self, f)
+            if isinstance(v, dict):
+                v = v.get(name, v.get("*"))
+                if v is None and f in ("momentum", "weight_decay"):
+                    v = OptimizerConfig.__dataclass_fields__[f].default
+            values[f] = v
+        return replace(self, **values)
+
     def lr_for(self, name: str) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.task][name]
+        lr = self.for_optimizer(name).lr
+        return lr if lr is not None else DEFAULT_LR[self.task][name]
+
+
+def parse_per_optimizer(text: str, convert: Callable[[str], Any]) -> Any:
+    """'0.05' -> 0.05 (every optimizer); 'kfac=0.05,kfac-sgd=0.1' -> {'kfac': 0.05, 'kfac-sgd': 0.1} (the
+    others keep their default); '0.01,kfac=0.05' -> {'*': 0.01, 'kfac': 0.05}. ValueError on a bad entry."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("empty value")
+    if len(parts) == 1 and "=" not in parts[0]:
+        return convert(parts[0])
+    out: dict[str, Any] = {}
+    for part in parts:
+        name, eq, value = part.partition("=")
+        name = name.strip().lower() if eq else "*"
+        value = value if eq else part
+        if name != "*" and name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r} in {text!r}: use {', '.join(OPTIMIZERS)}")
+        if name in out:
+            raise ValueError(f"{'a default' if name == '*' else repr(name)} given twice in {text!r}")
+        out[name] = convert(value.strip())
+    return out
 
 
 def kfac_available() -> bool:
@@ -70,6 +114,7 @@ def make_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    cfg = cfg.for_optimizer(name)
     lr = cfg.lr_for(name)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -90,6 +135,8 @@ def make_optimizer(
             ("factor_every", cfg.factor_every),
             ("inverse_every", cfg.inverse_every),
             ("kl_clip", cfg.kl_clip),
+            ("factor_structure", cfg.factor_structure),
+            ("fisher_type", cfg.fisher_type),
         )
         if v is not None
     }

@@ -45,3 +45,41 @@ def plot_runs(runs: list[dict[str, Any]], path: Path, panels: list[tuple[str, st
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _tile(images: np.ndarray, cols: int, side: int = 28, pad: int = 2) -> np.ndarray:
+    """[K, side*side] images in [0, 1] -> one [rows*(side+pad)+pad, cols*(side+pad)+pad] canvas (pad white)."""
+    rows = -(-images.shape[0] // cols)
+    canvas = np.ones((rows * (side + pad) + pad, cols * (side + pad) + pad), dtype=np.float32)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (side + pad), pad + c * (side + pad)
+        canvas[y : y + side, x : x + side] = img.reshape(side, side)
+    return canvas
+
+
+def plot_vae_grid(originals: Any, reconstructions: Any, samples: Any, path: Path, title: str,
+                  cols: int = 10) -> Path:
+    """Two panels: test images above their reconstructions (pairs of rows), and samples from the prior.
+    originals, reconstructions [K, 784], samples [M, 784]: pixel values in [0, 1] (tensors or arrays)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    orig, rec, drawn = (np.asarray(a, dtype=np.float32) for a in (originals, reconstructions, samples))
+    pairs = []
+    for i in range(0, orig.shape[0], cols):  # a row of images, then the row of their reconstructions
+        pairs += [orig[i : i + cols], rec[i : i + cols]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, canvas, label in ((axes[0], _tile(np.concatenate(pairs), cols), "test images / reconstructions"),
+                              (axes[1], _tile(drawn, cols), "samples from the prior")):
+        ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(label, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
