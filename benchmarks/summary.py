@@ -98,7 +98,7 @@ def step_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             continue
         text = f"{ours['ms_per_step']:.1f} ms/step, {_x(ours['ratio_vs_adam'])} Adam's time"
         if ours.get("speedup_vs_torch_kfac") is not None:
-            text += f"; {_x(ours['speedup_vs_torch_kfac'])} faster than plain-PyTorch K-FAC"
+            text += f"; {_x(ours['speedup_vs_torch_kfac'])} the speed of plain-PyTorch K-FAC"
         rows.append((f"optimizer step, {w['description']}, inverse every {w['steps_per_block']}", text))
     return rows
 

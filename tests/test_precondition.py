@@ -63,6 +63,33 @@ def test_precondition_is_the_damped_kronecker_inverse(dout, din):
     assert rel_err(out, dense) <= 1e-12
 
 
+# Wide layers (8·d_out ≤ d_in, d_in ≥ 512) go through column blocks of Q_A, 128 wide, summed
+# over threads: a last partial block (517 = 4·128 + 5), one block exactly (512), and a layer
+# list mixing the blocked and plain paths, at 1 and 2 threads.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_precondition_blocked_wide_layers(threads, dtype, tol):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 517), (1, 512), (16, 1434), (64, 511), (5, 7)]
+    args = {k: [] for k in ("grads", "QA", "lamA", "QG", "lamG")}
+    for dout, din in shapes:
+        la, qa = eig_of_random_psd(din, gen)
+        lg, qg = eig_of_random_psd(dout, gen)
+        for k, v in zip(args, (torch.randn(dout, din, generator=gen, dtype=torch.float64),
+                               qa, la, qg, lg)):
+            args[k].append(v)
+    expected = reference.precondition(**args, damping=0.03)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.precondition(**{k: [t.to(dtype) for t in v] for k, v in args.items()},
+                               damping=0.03)
+    finally:
+        torch.set_num_threads(before)
+    for o, e in zip(out, expected):
+        assert o.dtype == dtype and rel_err(o, e) <= tol
+
+
 def test_precondition_empty_list():
     assert ops.precondition([], [], [], [], [], 0.1) == []
 
