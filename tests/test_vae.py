@@ -171,3 +171,17 @@ def test_train_vae_argument_and_data_errors(tmp_path, capsys):
     assert main(["train-vae", "--data-root", str(tmp_path), "--optimizers", "adam", "--quiet",
                  "--out", str(tmp_path / "o")]) == 1
     assert "ngcuda train-vae: error" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_vae_kfac_defaults_and_overrides():
+    from ngcuda.train.optimizers import KFAC_DEFAULTS, OptimizerConfig, make_optimizer
+
+    model = VAE(latent=2, hidden=(4,), pixels=6)
+    kfac = make_optimizer("kfac", model, OptimizerConfig(task="vae"))
+    group = kfac.param_groups[0]
+    assert (group["momentum"], group["damping"], group["kl_clip"]) == (
+        KFAC_DEFAULTS["vae"]["momentum"], KFAC_DEFAULTS["vae"]["damping"], KFAC_DEFAULTS["vae"]["kl_clip"])
+    mine = make_optimizer("kfac", model, OptimizerConfig(task="vae", momentum=0.5, kl_clip=1e-3))
+    assert (mine.param_groups[0]["momentum"], mine.param_groups[0]["kl_clip"]) == (0.5, 1e-3)
+    ae = make_optimizer("kfac", model, OptimizerConfig(task="ae"))  # other tasks keep KFAC's own defaults
+    assert ae.param_groups[0]["momentum"] == 0.9 and ae.param_groups[0]["kl_clip"] == 1e-3
