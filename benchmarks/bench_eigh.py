@@ -1,54 +1,59 @@
-"""CPU microbenchmark of ngcuda's batched_eigh against torch.linalg.eigh, measured in one run.
+"""eigh: batched_eigh against torch.linalg.eigh (looped and batched), cold and warm-started.
 
-Workload: a batch of K-FAC-like factors A_old = XᵀX/m (X [m=2n, n] Gaussian with decaying column
-scales, so the spectrum spans a few decades like an activation covariance). Warm start: the
-factor drifts by a PSD step, A_new = A_old + drift·‖A_old‖_F·P/‖P‖_F with P = HHᵀ (H [n, n]
-Gaussian), relative size drift = 1e-3 by default (--drift), and prev = float32 eigenvectors of
-A_old, as a K-FAC optimizer would hold them. Accuracy columns are the worst over the batch,
+Workload: a batch of K-FAC-like factors A_old = XᵀX/m (X [m=2n, n] Gaussian with column scales
+decaying 1 → 10^-1.5, so the spectrum spans decades like an activation covariance). Warm start:
+the factor drifts by a PSD step, A_new = A_old + drift·‖A_old‖_F·P/‖P‖_F with P = HHᵀ, and prev =
+the float32 eigenvectors of A_old, as a K-FAC optimizer holds them.
+
+Sizes n from 16 to 2048; the batch shrinks as n grows, batch = max_batch·(128/n)^1.5 clamped to
+[1, max_batch], so a full run stays within minutes while every size is still a batch of factors.
+A second sweep varies the batch count at one n. Accuracy, per method, worst over the batch and
 evaluated in float64: residual ‖AQ−QΛ‖_F/‖A‖_F, orthogonality ‖QᵀQ−I‖_F, and eigenvalue error
 max|λ−λ_ref|/max|λ_ref| against float64 eigvalsh.
 
-Timings are wall-clock medians; on a machine shared with other jobs, MKL's threaded syevd (torch)
-suffers more from a descheduled thread than ngcuda's dynamic per-matrix scheduling, so compare
-runs at --threads 1 too (per-core efficiency) before reading a ratio as a speed-up.
+Methods, on the same matrices, timed round-robin:
+  torch_stacked  torch.linalg.eigh on a pre-stacked [B, n, n] tensor (torch's best case)
+  torch_looped   torch.linalg.eigh on each matrix
+  ngcuda_cold    ops.batched_eigh(list)
+  ngcuda_warm    ops.batched_eigh(list, prev)
 
-Methods, all on the same list and timed round-robin so machine noise hits them alike:
-  torch stacked  torch.linalg.eigh on a pre-stacked [B, n, n] tensor (torch's best case)
-  torch looped   torch.linalg.eigh on each matrix
-  ngcuda cold    ops.batched_eigh(list)
-  ngcuda warm    ops.batched_eigh(list, prev)
-
-The CPU kernel ignores a warm start above n = 24, where it measured LAPACK faster than the
-sweeps; --force-warm-jacobi lifts that limit (NGCUDA_EIGH_WARM_JACOBI_MAX_N) to show the
-measurement behind it.
-
-Usage: python benchmarks/bench_eigh.py [--quick] [--json PATH] [--sizes 16 64 256] [--batch 64]
-       [--drift 1e-3] [--dtype float32] [--threads N] [--force-warm-jacobi]
+Throughput is quoted at a nominal 9n³ flops per decomposition (tridiagonal reduction, its
+back-transformation and the QR iteration on the vectors; Golub & Van Loan), so it can be read
+against the matmul ceiling. The CPU kernel ignores a warm start above n = 24, where LAPACK
+measured faster than Jacobi sweeps; --force-warm-jacobi lifts that limit to show why.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import time
-from typing import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ngcuda import ops
 
+from .growth import describe, growth
+from .plotting import Panel, Series, save
+from .report import print_table
+from .timing import compare, copies_to_exceed_cache, nbytes, options, rotation, staggered
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+METHODS = ("torch_stacked", "torch_looped", "ngcuda_cold", "ngcuda_warm")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="matrix sizes n")
+    p.add_argument("--max-batch", type=int, default=None, help="batch at n ≤ 128 (default 64)")
+    p.add_argument("--batch-sweep", type=int, nargs="+", default=None, help="batch counts of the sweep")
+    p.add_argument("--batch-sweep-n", type=int, default=None, help="n of the batch sweep (default 64)")
+    p.add_argument("--drift", type=float, default=1e-3, help="relative size of the PSD step")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--force-warm-jacobi", action="store_true",
+                   help="run warm starts through Jacobi at every size (CPU)")
+
+
+def batch_for(n: int, max_batch: int) -> int:
+    return int(min(max_batch, max(1, round(max_batch * (128 / n) ** 1.5))))
 
 
 def kfac_factor(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -65,143 +70,136 @@ def drifted(a: torch.Tensor, drift: float, gen: torch.Generator) -> torch.Tensor
     return a + drift * a.norm() * p / p.norm()
 
 
-def accuracy(mats: list[torch.Tensor], values: list[torch.Tensor], vectors: list[torch.Tensor]
-             ) -> tuple[float, float]:
-    """Worst ‖AQ−QΛ‖_F/‖A‖_F and worst ‖QᵀQ−I‖_F over the batch, evaluated in float64."""
-    res, orth = 0.0, 0.0
-    for a, lam, q in zip(mats, values, vectors):
-        a, lam, q = a.double(), lam.double(), q.double()
+def accuracy(mats: list[torch.Tensor], values: list[torch.Tensor], vectors: list[torch.Tensor],
+             ref: list[torch.Tensor]) -> dict[str, float]:
+    """Worst residual, orthogonality and eigenvalue error over the batch, in float64 on the CPU."""
+    res = orth = eig = 0.0
+    for a, lam, q, r in zip(mats, values, vectors, ref):
+        lam, q = lam.double().cpu(), q.double().cpu()
         res = max(res, ((a @ q - q * lam).norm() / a.norm()).item())
         orth = max(orth, (q.T @ q - torch.eye(q.shape[0], dtype=torch.float64)).norm().item())
-    return res, orth
+        eig = max(eig, ((lam - r).abs().max() / r.abs().max()).item())
+    return {"residual": res, "orthogonality": orth, "eigenvalue_rel_err": eig}
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
-                     ) -> dict[str, float]:
-    """Median seconds per call of each function; one call of each per round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def bench_size(n: int, batch: int, drift: float, dtype: torch.dtype, repeats: int, warmup: int,
-               seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed + n)
+def bench_size(n: int, batch: int, args: argparse.Namespace, ceil: dict[str, Any]) -> dict[str, Any]:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(n * 1000 + batch)
     old64 = [kfac_factor(n, gen) for _ in range(batch)]
-    new64 = [drifted(a, drift, gen) for a in old64]
-    old = [a.to(dtype) for a in old64]
-    new = [a.to(dtype) for a in new64]
-    prev = [torch.linalg.eigh(a)[1] for a in old]
-    stacked = torch.stack(new)
+    new64 = [drifted(a, args.drift, gen) for a in old64]
 
+    new = [a.to(device, dtype) for a in new64]
+    prev = [torch.linalg.eigh(a.to(device, dtype))[1] for a in old64]
+    first = {"new": new, "prev": prev, "stacked": torch.stack(new)}
+    copies = copies_to_exceed_cache(nbytes(first), device, max_copies=16)
+    sets = rotation(first, copies)
     fns = {
-        "torch_stacked": lambda: torch.linalg.eigh(stacked),
-        "torch_looped": lambda: [torch.linalg.eigh(a) for a in new],
-        "ngcuda_cold": lambda: ops.batched_eigh(new),
-        "ngcuda_warm": lambda: ops.batched_eigh(new, prev),
+        "torch_stacked": lambda s: torch.linalg.eigh(s["stacked"]),
+        "torch_looped": lambda s: [torch.linalg.eigh(a) for a in s["new"]],
+        "ngcuda_cold": lambda s: ops.batched_eigh(s["new"]),
+        "ngcuda_warm": lambda s: ops.batched_eigh(s["new"], s["prev"]),
     }
-    seconds = time_round_robin(fns, repeats, warmup)
+    nominal = 9.0 * n**3 * batch
+    slow = nominal / (ceil["matmul_gflops"] * 1e9) > 0.1
+    timing = compare(staggered(fns, sets), device, **options(args.quick, slow))
 
-    lam_s, q_s = torch.linalg.eigh(stacked)
+    ref = [torch.linalg.eigvalsh(a) for a in new64]
+    lam_s, q_s = torch.linalg.eigh(first["stacked"])
+    looped = [torch.linalg.eigh(a) for a in first["new"]]
     outputs = {
         "torch_stacked": (list(lam_s), list(q_s)),
-        "torch_looped": tuple(map(list, zip(*[torch.linalg.eigh(a) for a in new]))),
-        "ngcuda_cold": ops.batched_eigh(new),
-        "ngcuda_warm": ops.batched_eigh(new, prev),
+        "torch_looped": ([v for v, _ in looped], [q for _, q in looped]),
+        "ngcuda_cold": ops.batched_eigh(first["new"]),
+        "ngcuda_warm": ops.batched_eigh(first["new"], first["prev"]),
     }
-    ref = [torch.linalg.eigvalsh(a) for a in new64]
-    methods = {}
-    for name, (lam, q) in outputs.items():
-        res, orth = accuracy(new64, lam, q)
-        eig_err = max(((l.double() - r).abs().max() / r.abs().max()).item()
-                      for l, r in zip(lam, ref))
-        methods[name] = {"ms": seconds[name] * 1e3, "residual": res, "orthogonality": orth,
-                         "eigenvalue_rel_err": eig_err}
-    _, _, status = ops.batched_eigh_with_status(new, prev)
-    base_s, base_l = seconds["torch_stacked"], seconds["torch_looped"]
-    return {
-        "n": n,
-        "batch": batch,
-        "dtype": str(dtype).replace("torch.", ""),
-        "drift": drift,
-        "methods": methods,
-        "speedup_cold_vs_stacked": base_s / seconds["ngcuda_cold"],
-        "speedup_cold_vs_looped": base_l / seconds["ngcuda_cold"],
-        "speedup_warm_vs_stacked": base_s / seconds["ngcuda_warm"],
-        "speedup_warm_vs_looped": base_l / seconds["ngcuda_warm"],
-        "warm_not_converged": int((status != 0).sum()),
-    }
+    _, _, status = ops.batched_eigh_with_status(first["new"], first["prev"])
+    row: dict[str, Any] = {"n": n, "batch": batch, "copies": len(sets),
+                           "working_set_bytes": len(sets) * nbytes(first), "methods": {}}
+    for name in METHODS:
+        t = timing[name].median_s
+        row["methods"][name] = {
+            "ms": t * 1e3, "ms_per_matrix": t * 1e3 / batch,
+            "nominal_gflops": nominal / t / 1e9, "frac_matmul_peak": nominal / t / 1e9 / ceil["matmul_gflops"],
+            **accuracy(new64, *outputs[name], ref), "timing": timing[name].as_dict(),
+        }
+        row[f"{name}_ms"] = t * 1e3
+    for ours in ("ngcuda_cold", "ngcuda_warm"):
+        for base in ("torch_stacked", "torch_looped"):
+            row[f"speedup_{ours.split('_')[1]}_vs_{base.split('_')[1]}"] = row[f"{base}_ms"] / row[f"{ours}_ms"]
+    row["warm_not_converged"] = int((status != 0).sum())
+    return row
 
 
-def print_table(results: list[dict]) -> None:
-    head = (f"{'n':>5} {'method':<14} {'ms':>9} {'vs stacked':>10} {'vs looped':>10} "
-            f"{'residual':>9} {'orthog':>9} {'eig rel':>9}")
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        t_s = r["methods"]["torch_stacked"]["ms"]
-        t_l = r["methods"]["torch_looped"]["ms"]
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    flat = []
+    for r in rows:
         for name, m in r["methods"].items():
-            print(f"{r['n']:>5} {name:<14} {m['ms']:>9.3f} {t_s / m['ms']:>9.2f}x "
-                  f"{t_l / m['ms']:>9.2f}x {m['residual']:>9.1e} {m['orthogonality']:>9.1e} "
-                  f"{m['eigenvalue_rel_err']:>9.1e}")
-        if r["warm_not_converged"]:
-            print(f"      warm start: {r['warm_not_converged']} matrices did not converge")
+            flat.append({"n": r["n"], "batch": r["batch"], "method": name, "ms": m["ms"],
+                         "ms/matrix": m["ms_per_matrix"],
+                         "vs_stacked": r["torch_stacked_ms"] / m["ms"], "vs_looped": r["torch_looped_ms"] / m["ms"],
+                         "residual": m["residual"], "orthog": m["orthogonality"], "eig_err": m["eigenvalue_rel_err"]})
+    print_table(flat, ["n", "batch", "method", "ms", "ms/matrix", "vs_stacked", "vs_looped", "residual",
+                       "orthog", "eig_err"])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks eigh", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
-    parser.add_argument("--json", type=str, default=None, help="write the results here")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--drift", type=float, default=1e-3,
-                        help="relative Frobenius size of the PSD step between factors")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for every method (default: torch's own)")
-    parser.add_argument("--force-warm-jacobi", action="store_true",
-                        help="run warm starts through Jacobi at every size")
-    args = parser.parse_args(argv)
+def _progress(row: dict[str, Any]) -> dict[str, Any]:
+    """One line per size as it finishes (a full run spends minutes here), then the row."""
+    print(f"  n={row['n']} batch={row['batch']}: cold {row['speedup_cold_vs_stacked']:.2f}x, "
+          f"warm {row['speedup_warm_vs_stacked']:.2f}x torch stacked", flush=True)
+    return row
+
+
+def run(args: argparse.Namespace, ceil: dict[str, Any]) -> dict[str, Any]:
     if args.force_warm_jacobi:
-        # Read by the kernel on its first warm call, which has not happened yet.
+        # read by the kernel on its first warm call, which has not happened yet in this process
         os.environ["NGCUDA_EIGH_WARM_JACOBI_MAX_N"] = str(1 << 30)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    repeats, warmup = (3, 1) if args.quick else (9, 2)
-    dtype = getattr(torch, args.dtype)
-
-    info = {
-        "device": "cpu",
-        "cpu_model": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "dtype": args.dtype,
-        "batch": args.batch,
-        "drift": args.drift,
-        "repeats": repeats,
-        "force_warm_jacobi": args.force_warm_jacobi,
-        "timing": "median of round-robin repeats after warm-up",
+    sizes = args.sizes or ([16, 64, 128] if args.quick else [16, 32, 64, 128, 256, 512, 1024, 2048])
+    max_batch = args.max_batch or (16 if args.quick else 64)
+    sweep_n = args.batch_sweep_n or (32 if args.quick else 64)
+    sweep = args.batch_sweep or ([1, 4, 16] if args.quick else [1, 4, 16, 64, 256])
+    by_n = [_progress(bench_size(n, batch_for(n, max_batch), args, ceil)) for n in sizes]
+    print_rows(by_n)
+    by_batch = [_progress(bench_size(sweep_n, b, args, ceil)) for b in sweep]
+    print(f"\nbatch sweep at n = {sweep_n}")
+    print_table(by_batch, ["batch", "torch_stacked_ms", "torch_looped_ms", "ngcuda_cold_ms", "ngcuda_warm_ms",
+                           "speedup_cold_vs_stacked", "speedup_warm_vs_stacked"])
+    ns = [r["n"] for r in by_n]
+    large_from = 256 if max(ns) > 256 else None
+    fits = {name: growth(ns, [r["methods"][name]["ms_per_matrix"] for r in by_n], 3.0, "n", large_from)
+            for name in METHODS}
+    for name in ("ngcuda_cold", "torch_stacked"):
+        print(f"growth per matrix, {name}: {describe(fits[name])}")
+    return {
+        "config": {"sizes": sizes, "max_batch": max_batch, "batch_rule": "max_batch*(128/n)^1.5 in [1, max_batch]",
+                   "batch_sweep_n": sweep_n, "batch_sweep": sweep, "drift": args.drift, "dtype": args.dtype,
+                   "force_warm_jacobi": args.force_warm_jacobi, "nominal_flops": "9 n^3 per matrix"},
+        "by_n": by_n,
+        "by_batch": by_batch,
+        "growth": fits,
     }
-    print(f"batched_eigh vs torch.linalg.eigh | {info['cpu_model']} | {info['threads']} threads | "
-          f"torch {info['torch_version']} | {args.dtype} | batch {args.batch} | drift {args.drift}"
-          + (" | warm Jacobi forced at every n" if args.force_warm_jacobi else ""))
-    results = [bench_size(n, args.batch, args.drift, dtype, repeats, warmup, args.seed)
-               for n in args.sizes]
-    print_table(results)
-    if args.json and args.json != "-":
-        with open(args.json, "w") as f:
-            json.dump({**info, "results": results}, f, indent=2)
-        print(f"wrote {args.json}")
 
 
-if __name__ == "__main__":
-    main()
+def plot(section: dict[str, Any], ceil: dict[str, Any], path: Path, device: str) -> Path:
+    by_n, by_batch, fits = section["by_n"], section["by_batch"], section["growth"]
+    ns, bs = [r["n"] for r in by_n], [r["batch"] for r in by_batch]
+
+    def per(rows: list[dict], method: str, key: str) -> list:
+        return [r["methods"][method][key] for r in rows]
+
+    def label(m: str) -> str:
+        v = fits[m]["exponent_large"]
+        return m if v is None else f"{m} (fit: ^{v:.2f})"
+
+    panels = [
+        Panel("time per matrix vs n", "n", "ms per matrix",
+              [Series(label(m), ns, per(by_n, m, "ms_per_matrix")) for m in METHODS], guide=(3.0, "∝ n³")),
+        Panel("throughput vs n (9n³ flops per matrix)", "n", "nominal GFLOP/s",
+              [Series(m, ns, per(by_n, m, "nominal_gflops")) for m in METHODS],
+              ceilings=[(ceil["matmul_gflops"], "measured fp32 matmul")]),
+        Panel("accuracy vs n (worst over the batch)", "n", "float64-evaluated error",
+              [Series(f"{m} {k}", ns, per(by_n, m, key)) for m in ("torch_stacked", "ngcuda_cold", "ngcuda_warm")
+               for k, key in (("resid", "residual"), ("orth", "orthogonality"))]),
+        Panel(f"time per matrix vs batch at n={section['config']['batch_sweep_n']}", "batch count",
+              "ms per matrix", [Series(m, bs, per(by_batch, m, "ms_per_matrix")) for m in METHODS]),
+    ]
+    return save(path, f"batched_eigh on {device}", panels, ncols=2)

@@ -1,11 +1,18 @@
-"""factor_update_ and sparse_factor_update_ against the plain-torch expressions they replace.
+"""factor: factor_update_ and sparse_factor_update_ against the torch expressions they replace.
 
-    python -m benchmarks factor [--quick] [--device cpu|cuda] [--json PATH]
+Dense: ngcuda's ``factor_update_`` vs ``cat([x, 1])`` + ``factor.mul_(decay).addmm_(x̄ᵀ, x̄)``, over
+N at fixed d and over d at fixed N: time, rows/s, GB/s and GFLOP/s, with fitted growth exponents
+(O(N·d²) predicts 1 in N and 2 in d).
 
-Dense: ngcuda's factor_update_ vs ``cat([x, 1])`` + ``factor.mul_(decay).addmm_(x̄ᵀ, x̄)``.
-Sparse: sparse_factor_update_ vs ``torch.sparse.mm(Â, X)`` followed by the same addmm, and vs a
-``index_add_``-based aggregation, on a graph of Cora's size (2,708 nodes, 13,264 CSR entries with
-self-loops, 1,433 binary features at Cora's 1.27 % density) unless a real graph is given.
+Sparse: ``sparse_factor_update_`` (which never forms ÂX) vs forming ÂX with ``torch.sparse.mm``,
+with an edge-wise ``scatter_add_``, and with torch_scatter when it is installed, each followed by
+the same ``addmm_``; on the real graphs (Cora and CiteSeer ship with ngcuda; the gnn-benchmark npz
+graphs are read from --data-root) and on random graphs of growing N.
+
+Work counts: 2·N·D² flops (D = d + 1; the full Gram as a GEMM counts it, although ngcuda computes
+one triangle) plus 2·nnz·d for the aggregation; bytes = x read once, the CSR, the factor read and
+written. A graph whose estimated call time at the measured matmul rate exceeds --max-call-seconds
+is skipped and listed with its estimate.
 """
 from __future__ import annotations
 
@@ -17,142 +24,140 @@ import torch
 
 from ngcuda import ops
 
-from . import ceilings
-from .common import RESULTS, environment, median_time, peak_rss_in_child, print_table, write_json
-from .plotting import growth_and_throughput, loglog_slope
-
-DECAY = 0.95
-
-
-def torch_factor_update_(factor: torch.Tensor, x: torch.Tensor) -> None:
-    xb = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
-    factor.mul_(DECAY).addmm_(xb.T, xb, alpha=(1 - DECAY) / x.shape[0])
+from . import factor_sparse
+from .baselines import DECAY, dense_factor_update_
+from .growth import describe, growth
+from .plotting import Panel, Series, save
+from .report import print_table
+from .roofline import rates, speedups
+from .timing import compare, copies_to_exceed_cache, options, rotation, staggered
 
 
-def random_graph(n: int, nnz_per_row: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A CSR (rowptr, col, value) with self-loops and GCN-like symmetric-normalised values."""
-    gen = torch.Generator().manual_seed(seed)
-    deg = torch.poisson(torch.full((n,), nnz_per_row - 1), generator=gen).long() + 1
-    rowptr = torch.zeros(n + 1, dtype=torch.long)
-    rowptr[1:] = deg.cumsum(0)
-    col = torch.randint(0, n, (int(rowptr[-1]),), generator=gen)
-    col[rowptr[:-1]] = torch.arange(n)
-    row = torch.repeat_interleave(torch.arange(n), deg)
-    value = (deg[row].float() * deg[col].float()).rsqrt()
-    return rowptr, col, value
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-sweep", type=int, nargs="+", default=None, help="rows N of the dense sweep")
+    p.add_argument("--d-fixed", type=int, default=None, help="d of the N sweep (default 128)")
+    p.add_argument("--d-sweep", type=int, nargs="+", default=None, help="widths d of the dense sweep")
+    p.add_argument("--n-fixed", type=int, default=None, help="N of the d sweep (default 8000)")
+    p.add_argument("--graph-n", type=int, nargs="+", default=None, help="nodes of the random graphs")
+    p.add_argument("--graph-d", type=int, default=None, help="feature width of the random graphs")
+    p.add_argument("--max-call-seconds", type=float, default=10.0,
+                   help="skip a real graph whose one call would take longer at the matmul ceiling")
 
 
-def dense_rows(sizes: list[tuple[int, int]], device: str) -> list[dict[str, Any]]:
-    rows = []
-    for n, d in sizes:
+def sizes(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    return {
+        "n_sweep": args.n_sweep or ([500, 1000, 2000, 4000] if quick else [1000, 4000, 16000, 64000, 256000]),
+        "d_fixed": args.d_fixed or (32 if quick else 128),
+        "d_sweep": args.d_sweep or ([8, 16, 32, 64] if quick else [16, 32, 64, 128, 256, 512, 1024]),
+        "n_fixed": args.n_fixed or (1000 if quick else 8000),
+        "graph_n": args.graph_n or ([1000, 4000] if quick else [5000, 20000, 80000, 320000]),
+        "graph_d": args.graph_d or (32 if quick else 128),
+        # --quick keeps the real-graph path but cuts the features, so a call takes milliseconds
+        "max_features": 64 if quick else None,
+    }
+
+
+def dense_row(n: int, d: int, device: str, ceil: dict[str, Any], quick: bool) -> dict[str, Any]:
+    dim = d + 1
+
+    def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(n + d)
         x = torch.randn(n, d, generator=gen).to(device)
-        f_ng = torch.eye(d + 1, device=device)
-        f_th = torch.eye(d + 1, device=device)
-        t_ng = median_time(lambda: ops.factor_update_(f_ng, x, DECAY, True), device)
-        t_th = median_time(lambda: torch_factor_update_(f_th, x), device)
-        flops = n * (d + 1) * (d + 1)  # one triangle's multiply-adds, ×2 flops
-        rows.append({
-            "op": "factor_update_", "N": n, "d": d, "ngcuda_ms": t_ng * 1e3, "torch_ms": t_th * 1e3,
-            "speedup": t_th / t_ng, "rows_per_s": n / t_ng, "gflops": 2 * flops / t_ng / 1e9,
-            "gb_per_s": x.numel() * x.element_size() / t_ng / 1e9,
-        })
-    return rows
+        return x, torch.eye(dim, device=device), torch.eye(dim, device=device)
+
+    set_bytes = 4 * (n * d + 2 * dim * dim)
+    copies = copies_to_exceed_cache(set_bytes, device)
+    sets = rotation(make(), copies)
+    fns = staggered({
+        "ngcuda": lambda s: ops.factor_update_(s[1], s[0], DECAY, True),
+        "torch": lambda s: dense_factor_update_(s[2], s[0]),
+    }, sets)
+    flops = 2.0 * n * dim * dim
+    slow = flops / (ceil["matmul_gflops"] * 1e9) > 1.0
+    timing = compare(fns, device, **options(quick, slow))
+    ms = {k: t.median_s * 1e3 for k, t in timing.items()}
+    bytes_moved = 4.0 * (n * d + 2 * dim * dim)
+    row: dict[str, Any] = {"N": n, "d": d, "copies": copies, "working_set_bytes": copies * set_bytes}
+    row.update({f"{k}_ms": v for k, v in ms.items()})
+    row.update(speedups(ms))
+    row.update(rates(timing["ngcuda"].median_s, flops, bytes_moved, ceil, rows=n))
+    row.update(rates(timing["torch"].median_s, flops, bytes_moved, ceil, rows=n, prefix="torch_"))
+    row["timings"] = {k: t.as_dict() for k, t in timing.items()}
+    return row
 
 
-def sparse_rows(n: int, d: int, nnz_per_row: float, density: float, device: str,
-                memory: bool) -> list[dict[str, Any]]:
-    rowptr, col, value = random_graph(n, nnz_per_row)
-    gen = torch.Generator().manual_seed(1)
-    x = (torch.rand(n, d, generator=gen) < density).float()
-    rowptr, col, value, x = (t.to(device) for t in (rowptr, col, value, x))
-    a_csr = torch.sparse_csr_tensor(rowptr, col, value, (n, n), check_invariants=False)
-    row = torch.repeat_interleave(torch.arange(n, device=device), rowptr[1:] - rowptr[:-1])
-    f_ng = torch.eye(d + 1, device=device)
-    f_th = torch.eye(d + 1, device=device)
-
-    def via_sparse_mm() -> None:
-        torch_factor_update_(f_th, torch.sparse.mm(a_csr, x))
-
-    def via_index_add() -> None:
-        agg = torch.zeros_like(x).index_add_(0, row, x[col] * value[:, None])
-        torch_factor_update_(f_th, agg)
-
-    t_ng = median_time(lambda: ops.sparse_factor_update_(f_ng, rowptr, col, value, x, DECAY, True), device)
-    t_mm = median_time(via_sparse_mm, device)
-    t_ia = median_time(via_index_add, device)
-    result = {
-        "op": "sparse_factor_update_", "N": n, "d": d, "nnz": int(col.numel()),
-        "ngcuda_ms": t_ng * 1e3, "sparse_mm_ms": t_mm * 1e3, "index_add_ms": t_ia * 1e3,
-        "speedup_vs_sparse_mm": t_mm / t_ng, "speedup_vs_index_add": t_ia / t_ng,
-    }
-    if memory and device == "cpu":
-        setup = (
-            "import torch\nfrom ngcuda import ops\nfrom benchmarks.bench_factor import random_graph, torch_factor_update_\n"
-            f"rowptr, col, value = random_graph({n}, {nnz_per_row})\n"
-            f"x = (torch.rand({n}, {d}, generator=torch.Generator().manual_seed(1)) < {density}).float()\n"
-            f"f = torch.eye({d + 1})\na = torch.sparse_csr_tensor(rowptr, col, value, ({n}, {n}), check_invariants=False)\n"
-        )
-        result["ngcuda_peak_mib"] = peak_rss_in_child(
-            setup + "# measure\nops.sparse_factor_update_(f, rowptr, col, value, x, 0.95, True)\n")
-        result["sparse_mm_peak_mib"] = peak_rss_in_child(
-            setup + "# measure\ntorch_factor_update_(f, torch.sparse.mm(a, x))\n")
-    return [result]
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks factor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes, seconds in all")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, help="JSON path (default benchmarks/results/<device>-factor.json); - for none")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    args = p.parse_args(argv)
-    if args.quick:
-        n_sweep, d_fixed = [500, 1000, 2000], 32
-        d_sweep, n_fixed = [16, 32, 64], 1000
-        sparse_cfg = dict(n=500, d=64, nnz_per_row=4.9, density=0.05)
-    else:
-        n_sweep, d_fixed = [2_000, 8_000, 32_000, 128_000], 128
-        d_sweep, n_fixed = [16, 64, 256, 1024], 8_000
-        sparse_cfg = dict(n=2708, d=1433, nnz_per_row=4.9, density=0.0127)
-    ceil = ceilings.measure(args.device, quick=args.quick)
-    by_n = dense_rows([(n, d_fixed) for n in n_sweep], args.device)
-    by_d = dense_rows([(n_fixed, d) for d in d_sweep], args.device)
-    print(f"ceilings: {ceil['memory_bandwidth_gbs']:.1f} GB/s copy, {ceil['matmul_gflops']:.0f} GFLOP/s matmul")
-    print_table(by_n + by_d, ["op", "N", "d", "ngcuda_ms", "torch_ms", "speedup", "gflops", "gb_per_s"])
-    growth = {
-        "time_vs_N_exponent": loglog_slope([r["N"] for r in by_n], [r["ngcuda_ms"] for r in by_n]),
-        "time_vs_d_exponent": loglog_slope([r["d"] for r in by_d], [r["ngcuda_ms"] for r in by_d]),
-        "expected": "O(N·d²): exponent 1 in N, 2 in d (small d is bound by reading x, not by flops)",
-    }
-    print(f"growth: time ∝ N^{growth['time_vs_N_exponent']:.2f} (d={d_fixed}), "
-          f"d^{growth['time_vs_d_exponent']:.2f} (N={n_fixed})")
-    srows = sparse_rows(**sparse_cfg, device=args.device, memory=not args.no_memory)
+def run(args: argparse.Namespace, ceil: dict[str, Any]) -> dict[str, Any]:
+    cfg = sizes(args)
+    dev = args.device
+    by_n = [dense_row(n, cfg["d_fixed"], dev, ceil, args.quick) for n in cfg["n_sweep"]]
+    by_d = [dense_row(cfg["n_fixed"], d, dev, ceil, args.quick) for d in cfg["d_sweep"]]
+    print_table(by_n + by_d, ["N", "d", "ngcuda_ms", "torch_ms", "speedup_vs_torch", "rows_per_s",
+                              "gflops", "gb_per_s", "frac_matmul_peak", "frac_bandwidth"])
+    real = factor_sparse.real_rows(args, ceil, cfg["max_features"], args.max_call_seconds)
+    rand = factor_sparse.random_rows(args, ceil, cfg["graph_n"], cfg["graph_d"])
     print()
-    print_table(srows, ["op", "N", "d", "nnz", "ngcuda_ms", "sparse_mm_ms", "index_add_ms",
-                        "speedup_vs_sparse_mm", "ngcuda_peak_mib", "sparse_mm_peak_mib"])
-    env = environment(args.device)
-    payload = {"benchmark": "factor", "quick": args.quick, "environment": env, "ceilings": ceil,
-               "dense_by_N": by_n, "dense_by_d": by_d, "growth": growth, "sparse": srows}
-    if args.json != "-":
-        dev = env["device"].replace(" ", "-")
-        path = Path(args.json) if args.json else RESULTS / f"{dev}-factor{'-quick' if args.quick else ''}.json"
-        write_json(path, payload)
-        plot = growth_and_throughput(path.with_suffix(".png"), f"factor_update_ on {env['device']}", [
-            {"x": n_sweep, "xlabel": f"N rows (d={d_fixed})", "ylabel": "ms",
-             "series": {"ngcuda": [r["ngcuda_ms"] for r in by_n], "torch": [r["torch_ms"] for r in by_n]},
-             "title": "time vs N"},
-            {"x": d_sweep, "xlabel": f"d (N={n_fixed})", "ylabel": "ms",
-             "series": {"ngcuda": [r["ngcuda_ms"] for r in by_d], "torch": [r["torch_ms"] for r in by_d]},
-             "title": "time vs d"},
-            {"x": d_sweep, "xlabel": f"d (N={n_fixed})", "ylabel": "GFLOP/s (one triangle)",
-             "series": {"ngcuda": [r["gflops"] for r in by_d]},
-             "ceiling": (ceil["matmul_gflops"], "measured matmul peak"), "title": "throughput"},
-        ])
-        print(f"\nwrote {path} and {plot}")
-    return payload
+    measured = [r for r in real + rand if "skipped" not in r]
+    cols = ["graph", "N", "d", "nnz"] + [f"{m}_ms" for m in factor_sparse.methods()] + \
+           [f"speedup_vs_{m}" for m in factor_sparse.methods() if m != "ngcuda"] + ["gflops"]
+    if any("ngcuda_peak_mib" in r for r in measured):
+        cols += ["ngcuda_peak_mib", "sparse_mm_peak_mib"]
+    print_table(measured, cols)
+    for r in real:
+        if "skipped" in r:
+            print(f"skipped {r['graph']}: {r['skipped']}")
+    fits = {
+        "dense_time_vs_N": growth([r["N"] for r in by_n], [r["ngcuda_ms"] for r in by_n], 1.0, "N"),
+        "dense_time_vs_d": growth([r["d"] for r in by_d], [r["ngcuda_ms"] for r in by_d], 2.0, "d"),
+        "sparse_time_vs_N": growth([r["N"] for r in rand], [r["ngcuda_ms"] for r in rand], 1.0, "N"),
+    }
+    print(f"\ngrowth, dense at d={cfg['d_fixed']}: {describe(fits['dense_time_vs_N'])}")
+    print(f"growth, dense at N={cfg['n_fixed']}: {describe(fits['dense_time_vs_d'])}")
+    print(f"growth, sparse at d={cfg['graph_d']}: {describe(fits['sparse_time_vs_N'])}")
+    return {
+        "config": {**cfg, "decay": DECAY, "dtype": "float32",
+                   "flops": "2*N*(d+1)^2 (+ 2*nnz*d sparse)",
+                   "bytes": "x once + CSR + factor read and written"},
+        "baselines": factor_sparse.baseline_status(),
+        "dense_by_N": by_n,
+        "dense_by_d": by_d,
+        "sparse_real": real,
+        "sparse_random": rand,
+        "growth": fits,
+    }
 
 
-if __name__ == "__main__":
-    main()
+def plot(section: dict[str, Any], ceil: dict[str, Any], path: Path, device: str) -> Path:
+    by_n, by_d, rand = section["dense_by_N"], section["dense_by_d"], section["sparse_random"]
+    cfg = section["config"]
+    fits = section["growth"]
+
+    def col(rows: list[dict], key: str) -> list:
+        return [r.get(key) for r in rows]
+
+    def slope(key: str) -> str:
+        v = fits[key]["exponent_large"]
+        return "" if v is None else f" (fit: ^{v:.2f})"
+
+    ns, ds, gn = col(by_n, "N"), col(by_d, "d"), col(rand, "N")
+    methods = [m for m in factor_sparse.methods() if any(f"{m}_ms" in r for r in rand)]
+    panels = [
+        Panel(f"dense: time vs N at d={cfg['d_fixed']}", "N rows", "ms per call",
+              [Series("ngcuda" + slope("dense_time_vs_N"), ns, col(by_n, "ngcuda_ms")),
+               Series("torch cat+addmm", ns, col(by_n, "torch_ms"))], guide=(1.0, "∝ N")),
+        Panel(f"dense: time vs d at N={cfg['n_fixed']}", "d", "ms per call",
+              [Series("ngcuda" + slope("dense_time_vs_d"), ds, col(by_d, "ngcuda_ms")),
+               Series("torch cat+addmm", ds, col(by_d, "torch_ms"))], guide=(2.0, "∝ d²")),
+        Panel(f"sparse: time vs N, random graphs, d={cfg['graph_d']}", "N nodes", "ms per call",
+              [Series(m + (slope("sparse_time_vs_N") if m == "ngcuda" else ""), gn, col(rand, f"{m}_ms"))
+               for m in methods], guide=(1.0, "∝ N")),
+        Panel(f"dense: GFLOP/s vs d at N={cfg['n_fixed']}", "d", "GFLOP/s (2·N·D²)",
+              [Series("ngcuda", ds, col(by_d, "gflops")), Series("torch", ds, col(by_d, "torch_gflops"))],
+              ceilings=[(ceil["matmul_gflops"], "measured fp32 matmul")]),
+        Panel(f"dense: GB/s vs d at N={cfg['n_fixed']}", "d", "GB/s (x + factor)",
+              [Series("ngcuda", ds, col(by_d, "gb_per_s")), Series("torch", ds, col(by_d, "torch_gb_per_s"))],
+              ceilings=[(ceil["memory_bandwidth_gbs"], "measured copy bandwidth")]),
+        Panel(f"dense: rows/s vs N at d={cfg['d_fixed']}", "N rows", "rows/s",
+              [Series("ngcuda", ns, col(by_n, "rows_per_s")), Series("torch", ns, col(by_n, "torch_rows_per_s"))]),
+    ]
+    return save(path, f"factor updates on {device}", panels)

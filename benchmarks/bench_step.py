@@ -1,153 +1,102 @@
-"""Time of one K-FAC training epoch vs one Adam epoch: 2-layer GCN on Cora, same run, same device.
+"""step: a whole optimizer step, ngcuda.KFAC against Adam and a plain-PyTorch K-FAC.
 
-    python benchmarks/bench_step.py [--epochs 60] [--hidden 16] [--device cpu] [--out FILE]
+Workloads: a 2-layer GCN on Cora (full batch) and the 784-1000-500-250-30 MNIST autoencoder
+(minibatches of 1000 of the shipped images). Variants: ``adam``; ``ngcuda-kfac`` (ngcuda.KFAC,
+true Fisher); ``torch-kfac`` (benchmarks/torch_kfac.py: the same algorithm and hyperparameters in
+plain PyTorch from ngcuda.reference); ``*-empirical`` on request (--variants).
 
-Every variant trains its own freshly initialised model for ``--warmup`` epochs (not timed, includes
-the first eigendecomposition of the 1434x1434 input factor), then ``--epochs`` timed epochs. The
-variants are timed in interleaved blocks so that machine load drifts hit all of them alike. The
-ratio K-FAC / Adam is printed and written as JSON with the machine description.
+Every variant trains its own identically seeded model. Steps are timed in blocks of
+``inverse_every`` steps, so that each block holds exactly one eigendecomposition and its time
+per step is the amortised cost a training run sees. One untimed block per variant comes first
+(it holds the first decomposition of every factor); then the blocks of all variants run
+round-robin so that machine load drifts hit them alike; the median block gives ms per step.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import sys
-import time
 import warnings
 from pathlib import Path
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import ngcuda  # noqa: E402
-from ngcuda.models import GCN  # noqa: E402
+from .plotting import BarPanel, save
+from .report import print_table
+from .timing import compare
+from .workloads import VARIANTS, WORKLOADS, Workload, optimizer
 
 
-def load_cora():
-    from ngcuda.data import load_planetoid
-
-    return load_planetoid("cora")
-
-
-
-def make_variant(name: str, data, hidden: int, device: torch.device):
-    torch.manual_seed(0)
-    model = GCN(data.x.shape[1], hidden, data.num_classes, input_dropout=False).to(device)
-    if name == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
-        fisher = None
-    else:
-        fisher = "true" if name.endswith("true") else "empirical"
-        kw = dict(lr=0.02, damping=0.01, momentum=0.9, weight_decay=5e-4, factor_every=1,
-                  inverse_every=10, kl_clip=1e-2, fisher_type=fisher, ekfac="ekfac" in name)
-        if name.startswith("adam-kfac"):
-            kw["base_optimizer"] = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
-        opt = ngcuda.KFAC(model, **kw)
-
-    def epoch():
-        model.train()
-        opt.zero_grad()
-        out = model(data.x, data.edge_index)
-        if fisher == "true":
-            opt.set_outputs(out, mask=data.train_mask)
-        F.cross_entropy(out[data.train_mask], data.y[data.train_mask]).backward()
-        opt.step()
-
-    def accuracy() -> float:
-        model.eval()
-        with torch.no_grad():
-            pred = model(data.x, data.edge_index).argmax(1)
-        return float((pred[data.test_mask] == data.y[data.test_mask]).float().mean())
-
-    return epoch, accuracy
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workloads", default="gcn-cora,autoencoder", help=", ".join(WORKLOADS))
+    p.add_argument("--variants", default="adam,ngcuda-kfac,ngcuda-kfac-auto,torch-kfac", help=", ".join(VARIANTS))
+    p.add_argument("--blocks", type=int, default=None,
+                   help="timed blocks of inverse_every steps per variant (default 6 GCN, 3 autoencoder)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--blocks", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--variants", default="adam,kfac-true,kfac-empirical,adam-kfac-true,ekfac-true",
-                    help="adam | kfac-true | kfac-empirical | adam-kfac-true | ekfac-true")
-    ap.add_argument("--out", "--json", dest="out",
-                    default=str(ROOT / "benchmarks" / "results" / "cpu-step.json"))
-    ap.add_argument("--quick", action="store_true", help="a few epochs of adam and kfac-true")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.epochs, args.warmup, args.blocks, args.variants = 4, 1, 2, "adam,kfac-true"
-    warnings.simplefilter("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-
-    data = load_cora()
-    x = data.x / data.x.sum(1, keepdim=True).clamp(min=1)
-    data.x = x
-    for k in ("x", "edge_index", "y", "train_mask", "test_mask"):
-        setattr(data, k, getattr(data, k).to(device))
-    names = args.variants.split(",")
-    runs = {}
-    for name in names:
-        epoch, acc = make_variant(name, data, args.hidden, device)
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            epoch()
-        _sync(device)
-        runs[name] = dict(epoch=epoch, acc=acc, warmup_s=time.perf_counter() - t0, times=[])
-    per_block = max(1, args.epochs // args.blocks)
-    for _ in range(args.blocks):
-        for name in names:
-            r = runs[name]
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(per_block):
-                r["epoch"]()
-            _sync(device)
-            r["times"].append((time.perf_counter() - t0) / per_block)
-    base = statistics.median(runs["adam"]["times"]) if "adam" in runs else None
-    result = {
-        "benchmark": "bench_step: GCN on Cora, time per training epoch",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": str(device), "torch": torch.__version__,
-                    "ngcuda_backends": ngcuda.build_info().get("backends"),
-                    "eigh_kernel": ngcuda._extension.has_kernel("batched_eigh", device)},
-        "config": {"hidden": args.hidden, "timed_epochs": per_block * args.blocks,
-                   "warmup_epochs": args.warmup, "inverse_every": 10, "factor_every": 1},
-        "variants": {},
-    }
-    print(f"{'variant':<18}{'ms/epoch':>10}{'ratio':>8}{'warmup s':>10}{'test acc':>10}")
-    for name in names:
-        r = runs[name]
-        med = statistics.median(r["times"])
-        ratio = med / base if base else None
-        acc = r["acc"]()
-        result["variants"][name] = {"ms_per_epoch_median": med * 1e3,
-                                    "ms_per_epoch_blocks": [t * 1e3 for t in r["times"]],
-                                    "ratio_vs_adam": ratio, "warmup_s": r["warmup_s"],
-                                    "test_acc_after_run": acc}
-        print(f"{name:<18}{med * 1e3:>10.2f}{(ratio or float('nan')):>8.2f}"
-              f"{r['warmup_s']:>10.2f}{acc:>10.3f}")
-    if args.out != "-":
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+def _names(text: str, allowed: tuple[str, ...] | dict, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise SystemExit(f"--{what}: unknown {bad or text!r}; use a comma list of {', '.join(allowed)}")
+    return names
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def bench_workload(w: Workload, variants: list[str], blocks: int, device: str, quick: bool) -> dict[str, Any]:
+    steps = int(w.kfac["inverse_every"])
+    models = {v: w.model() for v in variants}
+    opts = {v: optimizer(v, models[v], w) for v in variants}
+
+    def block(v: str):
+        def run() -> None:
+            for _ in range(steps):
+                w.step(models[v], opts[v])
+        return run
+
+    # --quick skips the untimed block: its one block then includes the first decompositions
+    timing = compare({v: block(v) for v in variants}, device, warmup=0 if quick else 1,
+                     min_repeats=blocks, max_repeats=blocks)
+    rows = []
+    adam = timing.get("adam")
+    for v in variants:
+        t = timing[v].median_s
+        # ngcuda-kfac[-empirical] against torch-kfac[-empirical]: the same algorithm
+        twin = timing.get(v.replace("ngcuda-", "torch-", 1)) if v.startswith("ngcuda-") else None
+        rows.append({"workload": w.name, "variant": v, "ms_per_step": t / steps * 1e3,
+                     "ratio_vs_adam": None if adam is None else t / adam.median_s,
+                     "speedup_vs_torch_kfac": None if twin is None else twin.median_s / t,
+                     "timing_per_block": timing[v].as_dict(), **w.quality(models[v])})
+    return {"workload": w.name, "description": w.description, "config": w.config,
+            "hyperparameters": {"kfac": w.kfac, "adam": w.adam}, "steps_per_block": steps,
+            "timed_blocks": blocks, "untimed_blocks": 0 if quick else 1, "variants": rows}
 
 
-if __name__ == "__main__":
-    main()
+def run(args: argparse.Namespace, ceil: dict[str, Any]) -> dict[str, Any]:
+    workloads = _names(args.workloads, WORKLOADS, "workloads")
+    variants = _names(args.variants, VARIANTS, "variants")
+    results = []
+    with warnings.catch_warnings():
+        # ngcuda.KFAC lists parameters it leaves to the plain update; not news in a benchmark
+        warnings.simplefilter("ignore")
+        for name in workloads:
+            w = WORKLOADS[name](args.device, args.quick)
+            blocks = args.blocks or (1 if args.quick else (6 if name == "gcn-cora" else 3))
+            results.append(bench_workload(w, variants, blocks, args.device, args.quick))
+            print(f"  {name}: " + ", ".join(f"{r['variant']} {r['ms_per_step']:.1f} ms"
+                                            for r in results[-1]["variants"]), flush=True)
+    rows = [r for res in results for r in res["variants"]]
+    print_table(rows, ["workload", "variant", "ms_per_step", "ratio_vs_adam", "speedup_vs_torch_kfac",
+                       "test_accuracy", "train_bce_per_image"])
+    return {"config": {"variants": variants, "workloads": workloads,
+                       "timing": "median over blocks of inverse_every steps, round-robin, after one untimed block"},
+            "workloads": results}
+
+
+def plot(section: dict[str, Any], ceil: dict[str, Any], path: Path, device: str) -> Path:
+    groups = [w["workload"] for w in section["workloads"]]
+    variants = section["config"]["variants"]
+
+    def value(key: str) -> dict[str, list]:
+        return {v: [next((r[key] for r in w["variants"] if r["variant"] == v), None)
+                    for w in section["workloads"]] for v in variants}
+
+    panels = [BarPanel("time per optimizer step", "ms per step (log)", groups, value("ms_per_step"), log=True),
+              BarPanel("time per step relative to Adam", "× Adam's step", groups, value("ratio_vs_adam"))]
+    return save(path, f"optimizer step on {device}", panels, ncols=2)

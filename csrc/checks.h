@@ -6,6 +6,8 @@
 #include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 
+#include <cstddef>
+
 namespace ngcuda {
 
 inline void check_float(const at::Tensor& t, const char* name) {
@@ -68,6 +70,42 @@ inline void check_csr_shapes(const at::Tensor& rowptr, const at::Tensor& col,
                 " entries like col, got ", value->sym_size(0));
     check_same_device(*value, ref, "value", "factor");
   }
+}
+
+// A sparse CSR x [N, d]: 2-D with scalar values, float values, int32 or int64 indices. Index
+// values are checked by each backend (on the CPU before anything is written).
+inline void check_csr_x(const at::Tensor& x, const at::Tensor& ref) {
+  TORCH_CHECK(x.layout() == at::kSparseCsr, "ngcuda: x must be a strided (dense) or sparse CSR tensor, ",
+              "got layout ", x.layout(), "; convert it with x.to_sparse_csr()");
+  TORCH_CHECK(x.dim() == 2 && x.dense_dim() == 0,
+              "ngcuda: a sparse CSR x must be 2-D with scalar values (no batch or dense dimensions), ",
+              "got shape ", x.sym_sizes(), " with ", x.dense_dim(), " dense dimensions");
+  check_float(x, "x");
+  const at::ScalarType index = x.crow_indices().scalar_type();
+  TORCH_CHECK(index == at::kInt || index == at::kLong,
+              "ngcuda: x.crow_indices() and x.col_indices() must be int32 or int64, got ", index);
+  check_same_device(x, ref, "x", "factor");
+}
+
+// Diagonal blocks [n_k, n_k] of a D×D factor, partitioning its D columns contiguously in order:
+// all square, contiguous, of one float dtype and one device, with Σ n_k = D.
+inline void check_blocks(at::TensorList blocks, const c10::SymInt& D) {
+  c10::SymInt total = 0;
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const at::Tensor& b = blocks[k];
+    TORCH_CHECK(b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble, "ngcuda: blocks[", k,
+                "] must be float32 or float64, got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 2 && b.sym_size(0) == b.sym_size(1), "ngcuda: blocks[", k,
+                "] must be square 2-D, got shape ", b.sym_sizes());
+    TORCH_CHECK(b.is_contiguous(), "ngcuda: blocks[", k, "] must be contiguous");
+    TORCH_CHECK(b.scalar_type() == blocks[0].scalar_type(), "ngcuda: blocks[", k, "] is ",
+                b.scalar_type(), " but blocks[0] is ", blocks[0].scalar_type());
+    TORCH_CHECK(b.device() == blocks[0].device(), "ngcuda: blocks[", k, "] is on ", b.device(),
+                " but blocks[0] is on ", blocks[0].device());
+    total = total + b.sym_size(0);
+  }
+  TORCH_CHECK(total == D, "ngcuda: the block sizes must sum to D = ", D,
+              " (the columns of x, plus the bias column when append_bias), got ", total);
 }
 
 }  // namespace ngcuda

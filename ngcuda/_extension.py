@@ -20,19 +20,23 @@ except ImportError as err:  # a source checkout that was never built
         stacklevel=2,
     )
 
-_OPS = ("factor_update_", "sparse_factor_update_", "batched_eigh", "precondition")
+_OPS = ("factor_update_", "sparse_factor_update_", "block_factor_update_",
+        "sparse_block_factor_update_", "batched_eigh", "precondition")
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+# A sparse CSR argument dispatches to the SparseCsr<Backend> key instead of <Backend>.
+_LAYOUT_PREFIX = {False: "", True: "SparseCsr"}
 
 
-def _registered_kernels() -> dict[str, frozenset[str]]:
+def _registered_kernels() -> dict[str, frozenset[tuple[str, bool]]]:
     # Read once at import: the registrations never change afterwards, and a plain dict lookup
     # keeps the ops' Python front traceable by torch.compile.
     if _C is None:
         return {op: frozenset() for op in _OPS}
     return {
         op: frozenset(
-            dev for dev, key in _DISPATCH_KEY.items()
-            if torch._C._dispatch_has_kernel_for_dispatch_key(f"ngcuda::{op}", key)
+            (dev, sparse) for dev, key in _DISPATCH_KEY.items()
+            for sparse, prefix in _LAYOUT_PREFIX.items()
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"ngcuda::{op}", prefix + key)
         )
         for op in _OPS
     }
@@ -41,9 +45,10 @@ def _registered_kernels() -> dict[str, frozenset[str]]:
 _KERNELS = _registered_kernels()
 
 
-def has_kernel(op: str, device: torch.device) -> bool:
-    """Whether ``torch.ops.ngcuda.<op>`` has a compiled kernel for ``device``."""
-    return device.type in _KERNELS[op]
+def has_kernel(op: str, device: torch.device, sparse_csr: bool = False) -> bool:
+    """Whether ``torch.ops.ngcuda.<op>`` has a compiled kernel for ``device`` (for a sparse CSR
+    ``x`` when ``sparse_csr``)."""
+    return (device.type, sparse_csr) in _KERNELS[op]
 
 
 def build_info() -> dict[str, Any]:

@@ -1,18 +1,22 @@
-"""Command line: `ngcuda train` (GNN node classification), `ngcuda train-ae` (MNIST autoencoder) and
-`ngcuda train-vae` (MNIST variational autoencoder).
+"""Command line: `ngcuda train` (GNN node classification), `ngcuda train-ae` (MNIST autoencoder),
+`ngcuda train-vae` (MNIST variational autoencoder) and `ngcuda bench` (the microbenchmarks of a source
+checkout, as `python -m benchmarks`).
 
-Each trains the same model with several optimizers side by side over one or more seeds, writes
-metrics.json, metrics.csv and curves.png into --out, and prints a results table. Examples:
+The training commands train the same model with several optimizers side by side over one or more seeds,
+write metrics.json, metrics.csv and curves.png into --out, and print a results table. Examples:
 
     ngcuda train                                   # GCN on Cora, K-FAC vs Adam
     ngcuda train --dataset citeseer --optimizers kfac-adam,adam --seeds 10
     ngcuda train --dataset coauthor-cs --data-root shared/data/npz --model deep-gcn --layers 8
     ngcuda train-ae --optimizers kfac,adam,sgd --epochs 20
+    torchrun --nproc_per_node 2 -m ngcuda train --distributed     # data parallel, 2 processes
     ngcuda train-vae --data-root shared/data/mnist --epochs 20
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ import torch
 
 from .data import GRAPH_DATASETS, NPZ_DATASETS, load_graph, load_mnist
 from .models import GNN_MODELS
+from .train.metrics import SELECTION_TEXT, SELECTIONS
 
 DEFAULT_DEEP_LAYERS = 8
 
@@ -79,6 +84,53 @@ def parse_seeds(text: str) -> list[int]:
     return values
 
 
+def _neighbors(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values or any(v == 0 or v < -1 for v in values):
+        raise argparse.ArgumentTypeError(f"neighbours per hop must be positive or -1, got {text!r}")
+    return values
+
+
+def _init_distributed(parser: argparse.ArgumentParser, device_name: str, timeout: float) -> tuple[int, int]:
+    """Joins torchrun's process group (gloo on CPU, NCCL on CUDA); returns (rank, world size)."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        parser.error("--distributed: run under torchrun (e.g. torchrun --nproc_per_node 2 -m ngcuda train "
+                     "--distributed); RANK and WORLD_SIZE are not set")
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _factor_structure(text: str) -> str | dict[str, str]:
+    """'lowrank:64' -> 'lowrank:64'; 'conv1=diag,conv2=full' -> {'conv1': 'diag', 'conv2': 'full'}."""
+    from .optim.structure import parse_structure
+
+    def check(spec: str) -> str:
+        if spec.strip().lower() != "auto":
+            try:
+                parse_structure(spec)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return spec.strip().lower()
+
+    if "=" not in text:
+        return check(text)
+    out = {}
+    for part in text.split(","):
+        name, sep, spec = part.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected LAYER=STRUCTURE pairs, got {part!r}")
+        out[name.strip()] = check(spec)
+    return out
+
+
 def _optimizers(text: str) -> list[str]:
     from .train.optimizers import parse_optimizers
 
@@ -86,6 +138,36 @@ def _optimizers(text: str) -> list[str]:
         return parse_optimizers(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _per_optimizer(convert):
+    """argparse type: VALUE for every optimizer, or NAME=VALUE,... per optimizer (an unnamed VALUE in the list
+    is the default for the others), e.g. --lr 0.01,kfac=0.05."""
+    from .train.optimizers import parse_per_optimizer
+
+    def parse(text: str):
+        try:
+            return parse_per_optimizer(text, convert)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = convert.__name__.lstrip("_")
+    return parse
+
+
+def _fisher(text: str) -> str:
+    if text not in ("true", "empirical"):
+        raise argparse.ArgumentTypeError(f"expected true or empirical, got {text!r}")
+    return text
+
+
+def _with_default(value, default):
+    """A per-optimizer dict gets `default` for the optimizers it does not name."""
+    if value is None:
+        return default
+    if isinstance(value, dict) and "*" not in value:
+        return {"*": default, **value}
+    return value
 
 
 def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
@@ -99,21 +181,34 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--epochs", type=_positive_int, default=default_epochs, help=f"default {default_epochs}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (default)")
-    g = p.add_argument_group("optimizer hyperparameters (K-FAC options default to the task's KFAC_DEFAULTS in "
-                             "ngcuda.train.optimizers, then to ngcuda.KFAC's own)")
-    g.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate for every optimizer (default: per optimizer, see ngcuda.train.optimizers)")
-    g.add_argument("--momentum", type=_unit_float, default=None,
+    g = p.add_argument_group(
+        "optimizer hyperparameters (K-FAC options default to the task's KFAC_DEFAULTS in ngcuda.train.optimizers, "
+        "then to ngcuda.KFAC's own)",
+        "Each takes one VALUE for every optimizer, or a per-optimizer list NAME=VALUE,... where an unnamed "
+        "VALUE is the default for the others: --lr 0.01,kfac=0.05 --damping kfac=0.01,kfac-adam=1")
+    g.add_argument("--lr", type=_per_optimizer(_positive_float), default=None,
+                   help="learning rate (default: per optimizer, see ngcuda.train.optimizers)")
+    g.add_argument("--momentum", type=_per_optimizer(_unit_float), default=None,
                    help="SGD and K-FAC momentum (default 0.9; train-vae's kfac 0, see ngcuda.train.optimizers)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
+    g.add_argument("--weight-decay", type=_per_optimizer(_nonneg_float), default=None,
                    help="L2 coefficient (default: train 5e-4, train-ae and train-vae 0)")
-    g.add_argument("--damping", type=_positive_float, default=None, help="K-FAC Tikhonov damping")
-    g.add_argument("--factor-decay", type=_unit_float, default=None, help="K-FAC factor moving-average decay")
-    g.add_argument("--factor-every", type=_positive_int, default=None,
+    g.add_argument("--damping", type=_per_optimizer(_positive_float), default=None, help="K-FAC Tikhonov damping")
+    g.add_argument("--factor-decay", type=_per_optimizer(_unit_float), default=None,
+                   help="K-FAC factor moving-average decay")
+    g.add_argument("--factor-every", type=_per_optimizer(_positive_int), default=None,
                    help="update the Kronecker factors every N steps (KFAC default 1)")
-    g.add_argument("--inverse-every", type=_positive_int, default=None,
+    g.add_argument("--inverse-every", type=_per_optimizer(_positive_int), default=None,
                    help="K-FAC: steps between eigendecompositions")
-    g.add_argument("--kl-clip", type=_positive_float, default=None, help="K-FAC KL clipping bound")
+    g.add_argument("--kl-clip", type=_per_optimizer(_nonneg_float), default=None,
+                   help="K-FAC KL clipping bound; 0 turns clipping off (as Izadi et al.)")
+    g.add_argument("--fisher-type", type=_per_optimizer(_fisher), default=None, metavar="{true,empirical}",
+                   help="K-FAC Fisher: true (targets sampled from the model, KFAC default) or empirical "
+                   "(the loss gradients, as Izadi et al.)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's own choice)")
+    g.add_argument("--factor-structure", type=_factor_structure, default=None, metavar="S",
+                   help="K-FAC input-factor structure of every layer: auto (default), full, block:K, "
+                   "lowrank:R or diag; or per layer: conv1=lowrank:64,conv2=full (others auto)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default runs/<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -140,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add (t/T)^GAMMA x cross-entropy of unlabelled nodes against their argmax prediction")
     t.add_argument("--no-normalize-features", dest="normalize_features", action="store_false",
                    help="keep raw features (default: row-normalise, as GCN does)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="mini-batch training: B training (seed) nodes per NeighborLoader batch (default: full batch)")
+    t.add_argument("--num-neighbors", type=_neighbors, default=(10, 10), metavar="K1,K2",
+                   help="mini-batch: neighbours sampled per hop, -1 for all (default 10,10)")
+    t.add_argument("--distributed", action="store_true",
+                   help="data parallel over the processes of torchrun (gloo on CPU, NCCL on GPU): each rank "
+                   "takes its share of the training nodes (full batch) or of the batches")
+    t.add_argument("--dist-timeout", type=_positive_float, default=300.0, metavar="S",
+                   help="--distributed: seconds a rank waits for the others before failing (default 300)")
+    t.add_argument("--no-input-dropout", dest="input_dropout", action="store_false",
+                   help="no dropout on the input features (Izadi et al.'s GCN; K-FAC then computes the first "
+                   "layer's input factor once); default: dropout on the input too, as Kipf & Welling")
+    t.add_argument("--select", choices=SELECTIONS, default="val-acc",
+                   help="model selection: report test accuracy at the epoch of best validation accuracy "
+                   "(val-acc, default) or of lowest validation loss (val-loss, Izadi et al.)")
     _common(t, default_epochs=200)
     t.set_defaults(_handler=cmd_train, _parser=t)
 
@@ -162,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     _mnist_options(v)
     _common(v, default_epochs=10)
     v.set_defaults(_handler=cmd_train_vae, _parser=v)
+
+    # listed for `ngcuda --help`; main() hands everything after `bench` to the benchmarks' parser
+    sub.add_parser("bench", add_help=False, help="microbenchmarks, as python -m benchmarks (source checkout)")
     return parser
 
 
@@ -169,6 +282,23 @@ def _mnist_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=1000, help="default 1000")
     p.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
                    help="use only the first N training images (quick runs)")
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """`ngcuda bench ...` is `python -m benchmarks ...`. The benchmarks are not installed with the
+    package, so they are looked up next to it (an editable install or a checkout)."""
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "benchmarks" / "cli.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        bench = importlib.import_module("benchmarks.cli")
+    except ImportError:
+        print("ngcuda bench: the benchmarks/ folder is not here; run it from a source checkout "
+              "(pip install -e .) or use `python -m benchmarks` there", file=sys.stderr)
+        return 2
+    return bench.main(list(argv))
 
 
 def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
@@ -215,9 +345,10 @@ def _optimizer_config(args: argparse.Namespace, task: str, weight_decay: float):
     from .train import OptimizerConfig
 
     return OptimizerConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=weight_decay if args.weight_decay is None else args.weight_decay,
+        lr=args.lr, momentum=args.momentum, weight_decay=_with_default(args.weight_decay, weight_decay),
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
-        inverse_every=args.inverse_every, kl_clip=args.kl_clip, task=task,
+        inverse_every=args.inverse_every, kl_clip=args.kl_clip, fisher_type=args.fisher_type,
+        factor_structure=args.factor_structure, task=task,
     )
 
 
@@ -288,26 +419,46 @@ def _mnist_job(parser: argparse.ArgumentParser, args: argparse.Namespace, defaul
 
 
 def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .train import NodeConfig, summarise_node_runs, train_node_classifier, write_metrics
-    from .train.metrics import node_table
-    from .train.plot import plot_runs
-
     if args.model != "deep-gcn" and args.layers is not None:
         parser.error(f"--layers applies to --model deep-gcn only (got --model {args.model})")
     if args.model != "deep-gcn" and args.skip:
         parser.error(f"--skip applies to --model deep-gcn only (got --model {args.model})")
     if args.dataset in NPZ_DATASETS and args.split not in (None, "random"):
         parser.error(f"--split {args.split}: {args.dataset} has only the random split (20/30 per class)")
+    if args.distributed and args.pseudo_label_gamma is not None:
+        parser.error("--pseudo-label-gamma is not supported with --distributed")
     optimizers = args.optimizers or ["kfac", "adam"]
     seeds = args.seeds or [0]
     _check_optimizers(parser, optimizers)
+    rank, world = _init_distributed(parser, args.device, args.dist_timeout) if args.distributed else (0, 1)
+    try:
+        return _train(parser, args, optimizers, seeds, rank, world)
+    finally:
+        if args.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers: list[str], seeds: list[int],
+           rank: int, world: int) -> int:
+    from .train import NodeConfig, summarise_node_runs, train_node_classifier, write_metrics
+    from .train.metrics import node_table
+    from .train.plot import plot_runs
+
     device = _device(parser, args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if rank != 0:
+        args.quiet = True  # rank 0 reports and writes
     layers = args.layers or (DEFAULT_DEEP_LAYERS if args.model == "deep-gcn" else 2)
     if args.model == "deep-gcn" and layers < 2:
         parser.error(f"--layers must be at least 2, got {layers}")
     cfg = NodeConfig(
         model=args.model, hidden=args.hidden, dropout=args.dropout, layers=layers, skip=args.skip,
         epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
+        batch_size=args.batch_size, num_neighbors=args.num_neighbors,
+        input_dropout=args.input_dropout,
     )
     opt_cfg = _optimizer_config(args, "gnn", weight_decay=5e-4)
     split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
@@ -325,7 +476,9 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(
             f"{args.dataset}: {g0.num_nodes} nodes, {g0.num_edges} directed edges, {g0.num_features} features, "
             f"{g0.num_classes} classes; split {split} {int(g0.train_mask.sum())}/{int(g0.val_mask.sum())}/"
-            f"{int(g0.test_mask.sum())}; model {args.model}; device {device}",
+            f"{int(g0.test_mask.sum())}; model {args.model}; device {device}"
+            + (f"; {world} processes" if world > 1 else "")
+            + (f"; mini-batches of {args.batch_size}" if args.batch_size else ""),
             flush=True,
         )
     runs = _side_by_side(
@@ -333,10 +486,13 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         lambda name, seed, tick: train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick),
         lambda row: {"loss": f"{row['train_loss']:.3f}", "val": f"{row['val_acc']:.3f}"},
     )
-    summary = summarise_node_runs(runs)
+    if rank != 0:
+        return 0
+    summary = summarise_node_runs(runs, args.select)
     out = _out_dir(args.out)
     payload = {
         "command": "train",
+        "world_size": world,
         "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "split": split, "layers": layers},
         "device": str(device),
         "dataset": {
@@ -344,7 +500,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "classes": g0.num_classes, "train": int(g0.train_mask.sum()), "val": int(g0.val_mask.sum()),
             "test": int(g0.test_mask.sum()),
         },
-        "selection": "test accuracy at the epoch of best validation accuracy (ties: lower validation loss)",
+        "selection": SELECTION_TEXT[args.select],
         "summary": summary,
         "runs": runs,
     }
@@ -433,8 +589,13 @@ def cmd_train_vae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ngcuda` command. Returns the exit status (argparse errors exit with 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     return args._handler(args._parser, args)
 
 

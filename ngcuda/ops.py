@@ -1,4 +1,4 @@
-"""Python front of ``torch.ops.ngcuda``: the four ops, with their shapes documented.
+"""Python front of ``torch.ops.ngcuda``: the ops, with their shapes documented.
 
 Each call dispatches to the CPU or CUDA kernel by the tensors' device. On a device that has no
 compiled kernel (CUDA tensors with a CPU-only build) the plain-torch path of
@@ -18,6 +18,8 @@ from ._extension import has_kernel
 __all__ = [
     "factor_update_",
     "sparse_factor_update_",
+    "block_factor_update_",
+    "sparse_block_factor_update_",
     "batched_eigh",
     "batched_eigh_with_status",
     "check_eigh_status",
@@ -38,10 +40,10 @@ class EighStatus:
 _warned: set[str] = set()
 
 
-def _use_kernel(op: str, device: torch.device) -> bool:
-    if has_kernel(op, device):
+def _use_kernel(op: str, device: torch.device, sparse_csr: bool = False) -> bool:
+    if has_kernel(op, device, sparse_csr):
         return True
-    key = f"{op}:{device.type}"
+    key = f"{op}:{device.type}:{'csr' if sparse_csr else 'dense'}"
     if key not in _warned:
         _warned.add(key)
         warnings.warn(
@@ -51,6 +53,16 @@ def _use_kernel(op: str, device: torch.device) -> bool:
             stacklevel=3,
         )
     return False
+
+
+def _is_csr(x: Tensor) -> bool:
+    """Whether x is sparse CSR; raises for layouts the factor ops do not take."""
+    if x.layout == torch.strided:
+        return False
+    if x.layout == torch.sparse_csr:
+        return True
+    raise ValueError(f"ngcuda: x must be a dense (strided) or sparse CSR tensor, got {x.layout}; "
+                     "convert it with x.to_sparse_csr()")
 
 
 def factor_update_(
@@ -67,15 +79,19 @@ def factor_update_(
 
     Args:
         factor: [D, D], float32 or float64, contiguous; D = d + 1 with ``append_bias``, else d.
-        x: [N, d], any float dtype (cast to the factor's).
+        x: [N, d], float32 or float64 (cast to the factor's): dense, or a sparse CSR tensor
+            (``torch.sparse_csr_tensor``, int32 or int64 indices), which is never densified:
+            the CPU works on its pattern (Σ_rows nnz_row² / 2 multiply-adds), CUDA densifies
+            bounded blocks of rows. Repeated column indices within a row add up.
         decay: in [0, 1]; 0 replaces the factor, 1 leaves it unchanged.
         row_weight: [N] non-negative weights, or None for ones. Weight 0 excludes a row; when
             every weight is 0 (or N = 0) the factor is left unchanged.
 
-    On CUDA the call never synchronises with the host, so invalid row weights cannot raise
-    there: they fill the factor with NaN, which the next ``batched_eigh`` reports.
+    On CUDA the call never synchronises with the host, so invalid row weights (or, for a sparse
+    x, invalid CSR indices) cannot raise there: they fill the factor with NaN, which the next
+    ``batched_eigh`` reports.
     """
-    if _use_kernel("factor_update_", factor.device):
+    if _use_kernel("factor_update_", factor.device, _is_csr(x)):
         torch.ops.ngcuda.factor_update_(factor, x, float(decay), bool(append_bias), row_weight)
         return factor
     return reference.factor_update_(factor, x, decay, append_bias, row_weight, compute_dtype=None)
@@ -98,20 +114,79 @@ def sparse_factor_update_(
         rowptr: [M+1] int64 CSR row pointers of Â (M rows).
         col: [nnz] int64 column indices, each in [0, N).
         value: [nnz] edge values, or None for ones.
-        x: [N, d] node features.
+        x: [N, d] node features, dense or sparse CSR (as in :func:`factor_update_`). For a
+            sparse x the CPU gathers each row of ÂX as a sparse row and adds its outer product
+            (Σ_rows nnz(ÂX row)² / 2 multiply-adds), a bounded block of rows at a time.
         row_weight: [M] or None; rows of weight 0 cost nothing.
 
     On the CPU a malformed CSR (rowptr not starting at 0, decreasing, or not ending at nnz;
     columns out of range) raises before anything is written. On CUDA, where checking would
     synchronise, it fills the factor with NaN instead, as do invalid row weights.
     """
-    if _use_kernel("sparse_factor_update_", factor.device):
+    if _use_kernel("sparse_factor_update_", factor.device, _is_csr(x)):
         torch.ops.ngcuda.sparse_factor_update_(
             factor, rowptr, col, value, x, float(decay), bool(append_bias), row_weight
         )
         return factor
     return reference.sparse_factor_update_(
         factor, rowptr, col, value, x, decay, append_bias, row_weight, compute_dtype=None
+    )
+
+
+def block_factor_update_(
+    blocks: Sequence[Tensor],
+    x: Tensor,
+    decay: float,
+    append_bias: bool = True,
+    row_weight: Optional[Tensor] = None,
+) -> list[Tensor]:
+    """:func:`factor_update_` of the diagonal blocks only, in place; returns ``blocks``.
+
+    The D = d (+1) columns of ``x̄ = [x, 1]`` are split into contiguous blocks, in order, and
+    block k is updated with the Gram matrix of its own columns: the D×D factor is never formed,
+    and the cost is N·Σ n_k² / 2 (dense x) or Σ_rows of the pairs within each block (sparse x).
+
+    Args:
+        blocks: K tensors [n_k, n_k] with Σ n_k = D, one float dtype, one device, contiguous.
+            With ``append_bias`` the bias column is column D − 1, so it lies in the last
+            non-empty block. Block sizes are free: 1, larger than d, a short last block.
+        x: [N, d], dense or sparse CSR, as in :func:`factor_update_`.
+        decay, row_weight: as in :func:`factor_update_`.
+    """
+    blocks = list(blocks)
+    if _use_kernel("block_factor_update_", x.device, _is_csr(x)):
+        torch.ops.ngcuda.block_factor_update_(blocks, x, float(decay), bool(append_bias), row_weight)
+        return blocks
+    return reference.block_factor_update_(blocks, x, decay, append_bias, row_weight,
+                                          compute_dtype=None)
+
+
+def sparse_block_factor_update_(
+    blocks: Sequence[Tensor],
+    rowptr: Tensor,
+    col: Tensor,
+    value: Optional[Tensor],
+    x: Tensor,
+    decay: float,
+    append_bias: bool = True,
+    row_weight: Optional[Tensor] = None,
+) -> list[Tensor]:
+    """:func:`block_factor_update_` with ``x`` replaced by ``ÂX``, never materialising ``ÂX``.
+
+    Args:
+        blocks: K tensors [n_k, n_k] with Σ n_k = D, as in :func:`block_factor_update_`.
+        rowptr, col, value: the CSR adjacency Â [M, N], as in :func:`sparse_factor_update_`.
+        x: [N, d] node features, dense or sparse CSR.
+        decay, append_bias, row_weight: as in :func:`sparse_factor_update_` (row_weight [M]).
+    """
+    blocks = list(blocks)
+    if _use_kernel("sparse_block_factor_update_", x.device, _is_csr(x)):
+        torch.ops.ngcuda.sparse_block_factor_update_(
+            blocks, rowptr, col, value, x, float(decay), bool(append_bias), row_weight
+        )
+        return blocks
+    return reference.sparse_block_factor_update_(
+        blocks, rowptr, col, value, x, decay, append_bias, row_weight, compute_dtype=None
     )
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "csr_to_dense",
     "with_bias_column",
     "weighted_gram",
     "factor_update",
@@ -18,6 +19,10 @@ __all__ = [
     "sparse_aggregate",
     "sparse_factor_update",
     "sparse_factor_update_",
+    "block_factor_update",
+    "block_factor_update_",
+    "sparse_block_factor_update",
+    "sparse_block_factor_update_",
     "batched_eigh",
     "precondition",
 ]
@@ -25,6 +30,23 @@ __all__ = [
 
 def _as(t: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
     return t if dtype is None else t.to(dtype)
+
+
+def csr_to_dense(x: Tensor) -> Tensor:
+    """[N, d] dense form of x; a sparse CSR x is summed entry by entry, so repeated column
+    indices within a row add up (the meaning the ops give them). Dense x is returned as is.
+
+    The oracle densifies: it is meant for test sizes, not for wide real features.
+    """
+    if x.layout == torch.strided:
+        return x
+    if x.layout != torch.sparse_csr:
+        raise ValueError(f"x must be strided or sparse CSR, got {x.layout}")
+    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    counts = (crow[1:] - crow[:-1]).long()
+    row = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), counts)
+    out = torch.zeros(x.shape, dtype=val.dtype, device=x.device)
+    return out.index_put_((row, col.long()), val, accumulate=True)
 
 
 def with_bias_column(x: Tensor) -> Tensor:
@@ -53,7 +75,7 @@ def factor_update(
     factor [D, D] with D = d (+1 with append_bias); x [N, d]; row_weight [N] or None.
     With Σw = 0 the factor is returned unchanged.
     """
-    xs = _as(x, compute_dtype)
+    xs = _as(csr_to_dense(x), compute_dtype)
     if append_bias:
         xs = with_bias_column(xs)
     gram, total = weighted_gram(xs, None if row_weight is None else _as(row_weight, xs.dtype))
@@ -95,7 +117,7 @@ def sparse_factor_update(
     compute_dtype: Optional[torch.dtype] = torch.float64,
 ) -> Tensor:
     """:func:`factor_update` of the aggregate ÂX, materialised densely."""
-    xs = _as(x, compute_dtype)
+    xs = _as(csr_to_dense(x), compute_dtype)
     vs = None if value is None else value.to(xs.dtype)
     agg = sparse_aggregate(rowptr, col, vs, xs)
     return factor_update(factor, agg, decay, append_bias, row_weight, compute_dtype)
@@ -109,6 +131,75 @@ def sparse_factor_update_(factor: Tensor, rowptr: Tensor, col: Tensor, value: Op
     new = sparse_factor_update(factor, rowptr, col, value, x, decay, append_bias, row_weight,
                                compute_dtype)
     return factor.copy_(new)
+
+
+def block_factor_update(
+    blocks: Sequence[Tensor],
+    x: Tensor,
+    decay: float,
+    append_bias: bool,
+    row_weight: Optional[Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = torch.float64,
+) -> list[Tensor]:
+    """The diagonal blocks of :func:`factor_update`, as new tensors.
+
+    blocks: K tensors [n_k, n_k] partitioning the D = d (+1) columns of x̄ contiguously, in
+    order (the bias column is column D − 1). Each block needs only its own columns of x̄, so no
+    D×D matrix is formed. With Σw = 0 the blocks are returned unchanged.
+    """
+    xs = _as(csr_to_dense(x), compute_dtype)
+    if append_bias:
+        xs = with_bias_column(xs)
+    w = None if row_weight is None else _as(row_weight, xs.dtype)
+    out, start = [], 0
+    for b in blocks:
+        n = b.shape[0]
+        gram, total = weighted_gram(xs[:, start:start + n], w)
+        start += n
+        if total == 0.0:
+            out.append(b.clone())
+            continue
+        f = _as(b, compute_dtype)
+        old = f * decay if decay != 0.0 else torch.zeros_like(f)
+        out.append((old + (1.0 - decay) * gram / total).to(b.dtype))
+    return out
+
+
+def block_factor_update_(blocks: Sequence[Tensor], x: Tensor, decay: float, append_bias: bool,
+                         row_weight: Optional[Tensor] = None,
+                         compute_dtype: Optional[torch.dtype] = torch.float64) -> list[Tensor]:
+    """In-place :func:`block_factor_update`."""
+    new = block_factor_update(blocks, x, decay, append_bias, row_weight, compute_dtype)
+    return [b.copy_(n) for b, n in zip(blocks, new)]
+
+
+def sparse_block_factor_update(
+    blocks: Sequence[Tensor],
+    rowptr: Tensor,
+    col: Tensor,
+    value: Optional[Tensor],
+    x: Tensor,
+    decay: float,
+    append_bias: bool,
+    row_weight: Optional[Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = torch.float64,
+) -> list[Tensor]:
+    """:func:`block_factor_update` of the aggregate ÂX, materialised densely."""
+    xs = _as(csr_to_dense(x), compute_dtype)
+    vs = None if value is None else value.to(xs.dtype)
+    agg = sparse_aggregate(rowptr, col, vs, xs)
+    return block_factor_update(blocks, agg, decay, append_bias, row_weight, compute_dtype)
+
+
+def sparse_block_factor_update_(blocks: Sequence[Tensor], rowptr: Tensor, col: Tensor,
+                                value: Optional[Tensor], x: Tensor, decay: float,
+                                append_bias: bool, row_weight: Optional[Tensor] = None,
+                                compute_dtype: Optional[torch.dtype] = torch.float64
+                                ) -> list[Tensor]:
+    """In-place :func:`sparse_block_factor_update`."""
+    new = sparse_block_factor_update(blocks, rowptr, col, value, x, decay, append_bias,
+                                     row_weight, compute_dtype)
+    return [b.copy_(n) for b, n in zip(blocks, new)]
 
 
 def batched_eigh(

@@ -41,6 +41,9 @@ def _one_thread(one_thread):
         (["train", "--dataset", "amazon-photo", "--split", "public"], "only the random split"),
         (["train", "--model", "deep-gcn", "--layers", "1", "--optimizers", "adam"], "at least 2"),
         (["train-ae", "--batch-size", "x"], "positive integer"),
+        (["train", "--factor-structure", "lowrank"], "unknown factor structure"),
+        (["train", "--factor-structure", "conv1:diag,conv2"], "unknown factor structure"),
+        (["train", "--factor-structure", "=diag"], "LAYER=STRUCTURE"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -128,6 +131,21 @@ def test_train_with_kfac(tmp_path, opt):
     assert main(["train", "--optimizers", opt, "--epochs", "10", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
     hist = json.loads((out / "metrics.json").read_text())["runs"][0]["history"]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
+@pytest.mark.parametrize("spec,expected", [
+    ("lowrank:32", ["lowrank:32", "lowrank:32"]),
+    ("conv1=diag,conv2=full", ["diag", "full"]),
+    ("conv1=block:300", ["block:300", "full"]),  # conv2 unnamed: auto, which picks full
+])
+def test_train_factor_structure(tmp_path, spec, expected):
+    out = tmp_path / "fs"
+    assert main(["train", "--optimizers", "kfac", "--epochs", "3", "--device", "cpu", "--out", str(out),
+                 "--quiet", "--factor-structure", spec]) == 0
+    run = json.loads((out / "metrics.json").read_text())["runs"][0]
+    assert [line.split(" A ")[1].split()[1].rstrip(",") for line in run["kfac_layers"]] == expected
+    assert run["history"][-1]["train_loss"] < run["history"][0]["train_loss"]
 
 
 def test_python_m_ngcuda_exit_code():
@@ -232,3 +250,115 @@ def test_make_optimizer():
             make_optimizer("kfac", model, OptimizerConfig())
     else:
         assert isinstance(make_optimizer("kfac-adam", model, OptimizerConfig()), ngcuda.KFAC)
+
+
+def test_best_epoch_by_validation_loss():
+    from ngcuda.train.metrics import best_epoch, first_best_val_acc_epoch, summarise_node_runs
+
+    hist = [
+        {"epoch": 1, "val_acc": 0.7, "val_loss": 0.9, "test_acc": 0.6, "train_loss": 1.0, "seconds": 1.0},
+        {"epoch": 2, "val_acc": 0.6, "val_loss": 0.7, "test_acc": 0.5, "train_loss": 0.5, "seconds": 2.0},
+        {"epoch": 3, "val_acc": 0.65, "val_loss": 0.7, "test_acc": 0.55, "train_loss": 0.4, "seconds": 3.0},
+        {"epoch": 4, "val_acc": 0.7, "val_loss": 0.8, "test_acc": 0.9, "train_loss": 0.3, "seconds": 4.0},
+    ]
+    assert best_epoch(hist, "val-acc")["epoch"] == 4  # tie on val_acc: lower val_loss
+    assert best_epoch(hist, "val-loss")["epoch"] == 3  # tie on val_loss: higher val_acc
+    assert first_best_val_acc_epoch(hist) == 1
+    with pytest.raises(ValueError, match="unknown selection"):
+        best_epoch(hist, "test-acc")
+    s = summarise_node_runs([{"optimizer": "a", "seed": 0, "history": hist}], "val-loss")["a"]
+    assert s["test_acc_mean"] == pytest.approx(0.55) and s["best_epoch_mean"] == 3
+    assert s["first_best_val_acc_epoch_mean"] == 1
+
+
+def test_ae_epochs_to_reference():
+    from ngcuda.train.metrics import summarise_ae_runs
+
+    def run(name, seed, errs):
+        return {"optimizer": name, "seed": seed, "history": [
+            {"epoch": i + 1, "train_bce": e, "train_sq_err": e / 10, "test_sq_err": 0.0, "seconds": 2.0 * (i + 1)}
+            for i, e in enumerate(errs)]}
+
+    runs = [run("kfac", 0, [50, 30, 20, 10]), run("adam", 0, [60, 50, 40, 30]),
+            run("kfac", 1, [50, 45, 44, 43]), run("adam", 1, [60, 50, 45, 40])]
+    s = summarise_ae_runs(runs)
+    assert s["kfac"]["epochs_to_adam_final_train_bce"] is None  # seed 1 never reaches 40
+    assert s["kfac"]["seeds_reaching_adam_final_train_bce"] == 1
+    assert s["adam"]["epochs_to_adam_final_train_bce"] == 4
+    s = summarise_ae_runs(runs[:2])
+    assert s["kfac"]["epochs_to_adam_final_train_bce"] == 2 and s["kfac"]["seconds_to_adam_final_train_bce"] == 4.0
+    assert s["kfac"]["epochs_to_adam_final_train_sq_err"] == 2
+    assert "epochs_to_adam_final_train_bce" not in summarise_ae_runs(runs[:1])["kfac"]
+
+
+def test_train_options_reach_the_model_and_optimizer(tmp_path, monkeypatch):
+    # --no-input-dropout, --select, --fisher-type, --kl-clip 0 and --threads get where they belong.
+    import ngcuda.train.node as node
+    import ngcuda.train.optimizers as optimizers
+
+    seen = {}
+    real_build, real_make = node.build_gnn, node.make_optimizer
+
+    def build(*a, **k):
+        model = real_build(*a, **k)
+        seen["model"] = model
+        return model
+
+    def make(name, model, cfg, seed=None):
+        seen["opt_cfg"] = cfg
+        return real_make(name, model, cfg, seed=seed)
+
+    monkeypatch.setattr(node, "build_gnn", build)
+    monkeypatch.setattr(node, "make_optimizer", make)
+    out = tmp_path / "o"
+    n = torch.get_num_threads()
+    try:
+        assert main(["train", "--optimizers", "kfac-adam" if kfac_available() else "adam", "--epochs", "3",
+                     "--device", "cpu", "--no-input-dropout", "--select", "val-loss", "--fisher-type", "empirical",
+                     "--kl-clip", "0", "--threads", "1", "--out", str(out), "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+    assert seen["model"].input_dropout is False
+    assert seen["opt_cfg"].fisher_type == "empirical" and seen["opt_cfg"].kl_clip == 0.0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["config"]["input_dropout"] is False and payload["config"]["select"] == "val-loss"
+    assert payload["selection"].startswith("test accuracy at the epoch of lowest validation loss")
+    if kfac_available():
+        opt = optimizers.make_optimizer("kfac", torch.nn.Linear(3, 2),
+                                        optimizers.OptimizerConfig(fisher_type="empirical", kl_clip=0.0))
+        assert opt.fisher_type == "empirical" and opt.param_groups[0]["kl_clip"] == 0.0
+    with pytest.raises(SystemExit):
+        main(["train", "--fisher-type", "exact"])
+
+
+def test_per_optimizer_hyperparameters(tmp_path):
+    from ngcuda.train.optimizers import OptimizerConfig, make_optimizer, parse_per_optimizer
+
+    assert parse_per_optimizer("0.05", float) == 0.05
+    assert parse_per_optimizer("kfac=0.05,kfac-sgd=0.1", float) == {"kfac": 0.05, "kfac-sgd": 0.1}
+    assert parse_per_optimizer("0.01, KFAC=0.05", float) == {"*": 0.01, "kfac": 0.05}
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        parse_per_optimizer("lbfgs=1", float)
+    with pytest.raises(ValueError, match="given twice"):
+        parse_per_optimizer("kfac=1,kfac=2", float)
+    cfg = OptimizerConfig(lr={"kfac": 0.05}, weight_decay={"*": 5e-4, "sgd": 0.0}, momentum={"sgd": 0.5},
+                          damping={"kfac-adam": 1.0})
+    assert cfg.lr_for("kfac") == 0.05 and cfg.lr_for("adam") == 0.01  # the default for the others
+    assert cfg.for_optimizer("sgd").weight_decay == 0.0 and cfg.for_optimizer("adam").weight_decay == 5e-4
+    assert cfg.for_optimizer("sgd").momentum == 0.5 and cfg.for_optimizer("kfac").momentum == 0.9
+    assert cfg.for_optimizer("kfac").damping is None and cfg.for_optimizer("kfac-adam").damping == 1.0
+    sgd = make_optimizer("sgd", torch.nn.Linear(3, 2), cfg)
+    assert sgd.defaults["momentum"] == 0.5 and sgd.defaults["weight_decay"] == 0.0
+    if kfac_available():
+        opt = make_optimizer("kfac-adam", torch.nn.Linear(3, 2), cfg)
+        assert opt.param_groups[0]["damping"] == 1.0
+    with pytest.raises(SystemExit):
+        main(["train", "--lr", "kfac=-1"])
+    with pytest.raises(SystemExit):
+        main(["train", "--fisher-type", "kfac=exact"])
+    out = tmp_path / "o"
+    assert main(["train", "--optimizers", "adam,sgd", "--epochs", "2", "--device", "cpu", "--lr", "0.01,sgd=0.3",
+                 "--weight-decay", "sgd=0", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["lr"] == {"*": 0.01, "sgd": 0.3} and config["weight_decay"] == {"sgd": 0.0}

@@ -9,7 +9,9 @@ import torch
 import ngcuda
 from ngcuda import ops
 
-OPS = ["factor_update_", "sparse_factor_update_", "batched_eigh", "precondition"]
+OPS = ["factor_update_", "sparse_factor_update_", "block_factor_update_",
+       "sparse_block_factor_update_", "batched_eigh", "precondition"]
+FACTOR_OPS = OPS[:4]
 
 
 def test_build_info_reports_cpu_and_versions():
@@ -32,10 +34,18 @@ def test_every_op_has_cpu_and_meta_kernels(op, key):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ngcuda::{op}", key)
 
 
+@pytest.mark.parametrize("op", FACTOR_OPS)
+@pytest.mark.parametrize("key", ["SparseCsrCPU", "SparseCsrMeta"])
+def test_factor_ops_take_sparse_csr_x(op, key):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ngcuda::{op}", key)
+
+
 @pytest.mark.skipif("cuda" not in ngcuda.build_info()["backends"], reason="CPU-only build")
 @pytest.mark.parametrize("op", OPS)
 def test_every_op_has_cuda_kernel_when_built(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ngcuda::{op}", "CUDA")
+    if op in FACTOR_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ngcuda::{op}", "SparseCsrCUDA")
 
 
 def test_meta_kernels_give_shapes_without_data():

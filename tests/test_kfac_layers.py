@@ -123,5 +123,5 @@ def test_gcn_respects_layer_flags_and_edge_weights():
 def test_layers_listing_is_printable():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     opt = ngcuda.KFAC(model)
-    assert str(opt.layers()[0]) == "0: linear, A 4x4, G 4x4"
+    assert str(opt.layers()[0]) == "0: linear, A 4x4 auto, G 4x4"
     assert opt.layers()[1].params == ("2.weight", "2.bias")

@@ -108,3 +108,25 @@ def test_autoencoder_structure_and_shapes():
     assert code.shape == (3, 30) and (code.min() < 0 or code.max() > 1)  # linear, not squashed
     small = Autoencoder((6, 4, 2))
     assert small(torch.rand(1, 6)).shape == (1, 6)
+
+
+@pytest.mark.parametrize("name", ["gcn", "sage", "gin", "deep-gcn"])
+def test_input_dropout_off_leaves_the_features_alone(name):
+    # Izadi et al.'s GCN has no dropout on the raw features: with it off, the first layer sees x itself
+    # in training mode (only the hidden dropout differs between two forward passes).
+    x, ei = tiny_graph()
+    torch.manual_seed(0)
+    model = build_gnn(name, 5, 3, hidden=7, layers=3, input_dropout=False).train()
+    assert model.input_dropout is False
+    first = model.conv1 if hasattr(model, "conv1") else model.convs[0]
+    seen = []
+    first.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    model(x, ei)
+    assert seen[0] is x
+    on = build_gnn(name, 5, 3, hidden=7, layers=3).train()
+    assert on.input_dropout is True
+    first = on.conv1 if hasattr(on, "conv1") else on.convs[0]
+    seen.clear()
+    first.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    on(x, ei)
+    assert not torch.equal(seen[0], x)

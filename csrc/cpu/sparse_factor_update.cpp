@@ -5,8 +5,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
+#include "../blocks.h"
 #include "../checks.h"
+#include "csr_check.h"
 #include "gram.h"
 #include "row_weight.h"
 
@@ -16,25 +19,6 @@ namespace {
 // Bytes of aggregated rows held at once: large enough for an efficient GEMM per block, small
 // enough to stay far below the N×d aggregate it replaces.
 constexpr int64_t kBlockBytes = 4 << 20;
-
-void check_csr_values(const at::Tensor& rowptr, const at::Tensor& col, int64_t x_rows) {
-  const int64_t nnz = col.numel();
-  const int64_t* rp = rowptr.data_ptr<int64_t>();
-  const int64_t rows = rowptr.numel() - 1;
-  TORCH_CHECK(rp[0] == 0, "ngcuda: rowptr must start at 0, got ", rp[0]);
-  TORCH_CHECK(rp[rows] == nnz, "ngcuda: rowptr must end at nnz = ", nnz, " (the length of col), got ",
-              rp[rows]);
-  for (int64_t i = 0; i < rows; ++i) {
-    TORCH_CHECK(rp[i + 1] >= rp[i], "ngcuda: rowptr must be non-decreasing, but rowptr[", i + 1,
-                "] = ", rp[i + 1], " < rowptr[", i, "] = ", rp[i]);
-  }
-  if (nnz > 0) {
-    const int64_t lo = col.min().item<int64_t>();
-    const int64_t hi = col.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < x_rows, "ngcuda: col holds indices in [", lo, ", ", hi,
-                "], outside the ", x_rows, " rows of x");
-  }
-}
 
 template <typename scalar_t>
 void aggregate_rows(scalar_t* out, const int64_t* rows, int64_t count, const int64_t* rowptr,
@@ -53,28 +37,17 @@ void aggregate_rows(scalar_t* out, const int64_t* rows, int64_t count, const int
   });
 }
 
-void sparse_factor_update_cpu(const at::Tensor& factor, const at::Tensor& rowptr_in,
-                              const at::Tensor& col_in, const c10::optional<at::Tensor>& value,
-                              const at::Tensor& x, double decay, bool append_bias,
-                              const c10::optional<at::Tensor>& row_weight) {
-  check_float(x, "x");
-  check_dim(x, 2, "x");
-  check_same_device(x, factor, "x", "factor");
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
-  check_decay(decay);
-  check_csr_shapes(rowptr_in, col_in, value, factor);
-  const int64_t rows = rowptr_in.numel() - 1;
-  check_row_weight(row_weight, rows, factor);
-  const at::Tensor rowptr = rowptr_in.contiguous();
-  const at::Tensor col = col_in.contiguous();
-  check_csr_values(rowptr, col, x.size(0));
-
-  const auto opts = factor.options();
+// The blocks (one block: the whole factor) after their checks; rowptr and col contiguous.
+void update_blocks(at::TensorList blocks, const at::Tensor& rowptr, const at::Tensor& col,
+                   const c10::optional<at::Tensor>& value, const at::Tensor& x, double decay,
+                   bool append_bias, const c10::optional<at::Tensor>& row_weight) {
+  const int64_t rows = rowptr.numel() - 1;
+  const auto opts = blocks[0].options();
   at::Tensor row_ids;
   c10::optional<at::Tensor> w;
   double total_weight = static_cast<double>(rows);
   if (row_weight.has_value()) {
-    const KeptRows kept = keep_weighted_rows(*row_weight, factor.scalar_type());
+    const KeptRows kept = keep_weighted_rows(*row_weight, opts.dtype().toScalarType());
     total_weight = kept.total;
     w = kept.weight;
     if (kept.index.has_value()) row_ids = *kept.index;
@@ -88,11 +61,13 @@ void sparse_factor_update_cpu(const at::Tensor& factor, const at::Tensor& rowptr
   const int64_t count = row_ids.numel();
   const int64_t block =
       std::max<int64_t>(1, std::min<int64_t>(count, kBlockBytes / (std::max<int64_t>(d, 1) *
-                                                                    factor.element_size())));
-  at::Tensor S = at::zeros({factor.size(0), factor.size(0)}, opts);
+                                                                    blocks[0].element_size())));
+  const std::vector<BlockSpan> spans = block_spans(blocks, d, append_bias);
+  std::vector<at::Tensor> S;
+  for (const BlockSpan& s : spans) S.push_back(at::zeros({s.size, s.size}, opts));
   at::Tensor buffer = at::empty({block, d}, opts);
 
-  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "ngcuda_sparse_factor_update", [&] {
+  AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "ngcuda_sparse_factor_update", [&] {
     for (int64_t b0 = 0; b0 < count; b0 += block) {
       const int64_t nb = std::min(block, count - b0);
       at::Tensor Y = buffer.narrow(0, 0, nb);
@@ -102,14 +77,59 @@ void sparse_factor_update_cpu(const at::Tensor& factor, const at::Tensor& rowptr
                                xs.data_ptr<scalar_t>(), d);
       c10::optional<at::Tensor> wb;
       if (w.has_value()) wb = w->narrow(0, b0, nb);
-      accumulate_gram_upper(S, Y, wb, append_bias);
+      for (size_t k = 0; k < spans.size(); ++k) {
+        if (spans[k].size == 0) continue;
+        accumulate_gram_upper(S[k], Y.narrow(1, spans[k].start, spans[k].x_cols), wb,
+                              spans[k].bias);
+      }
     }
   });
-  blend_upper_into(factor, S, decay, (1.0 - decay) / total_weight);
+  for (size_t k = 0; k < spans.size(); ++k) {
+    if (spans[k].size > 0) blend_upper_into(blocks[k], S[k], decay, (1.0 - decay) / total_weight);
+  }
+}
+
+void sparse_factor_update_cpu(const at::Tensor& factor, const at::Tensor& rowptr_in,
+                              const at::Tensor& col_in, const c10::optional<at::Tensor>& value,
+                              const at::Tensor& x, double decay, bool append_bias,
+                              const c10::optional<at::Tensor>& row_weight) {
+  check_float(x, "x");
+  check_dim(x, 2, "x");
+  check_same_device(x, factor, "x", "factor");
+  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
+  check_decay(decay);
+  check_csr_shapes(rowptr_in, col_in, value, factor);
+  check_row_weight(row_weight, rowptr_in.numel() - 1, factor);
+  const at::Tensor rowptr = rowptr_in.contiguous();
+  const at::Tensor col = col_in.contiguous();
+  check_csr_values(rowptr, col, x.size(0));
+  update_blocks({factor}, rowptr, col, value, x, decay, append_bias, row_weight);
+}
+
+void sparse_block_factor_update_cpu(at::TensorList blocks, const at::Tensor& rowptr_in,
+                                    const at::Tensor& col_in,
+                                    const c10::optional<at::Tensor>& value, const at::Tensor& x,
+                                    double decay, bool append_bias,
+                                    const c10::optional<at::Tensor>& row_weight) {
+  check_dim(x, 2, "x");
+  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
+  if (blocks.empty()) return;
+  check_float(x, "x");
+  check_same_device(x, blocks[0], "x", "factor");
+  check_decay(decay);
+  check_csr_shapes(rowptr_in, col_in, value, blocks[0]);
+  check_row_weight(row_weight, rowptr_in.numel() - 1, blocks[0]);
+  const at::Tensor rowptr = rowptr_in.contiguous();
+  const at::Tensor col = col_in.contiguous();
+  check_csr_values(rowptr, col, x.size(0));
+  update_blocks(blocks, rowptr, col, value, x, decay, append_bias, row_weight);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ngcuda, CPU, m) { m.impl("sparse_factor_update_", &sparse_factor_update_cpu); }
+TORCH_LIBRARY_IMPL(ngcuda, CPU, m) {
+  m.impl("sparse_factor_update_", &sparse_factor_update_cpu);
+  m.impl("sparse_block_factor_update_", &sparse_block_factor_update_cpu);
+}
 
 }  // namespace ngcuda::cpu

@@ -22,40 +22,12 @@
 
 #include "../checks.h"
 #include "eigh_plan.h"
+#include "factor_ops.h"
 #include "kernels.h"
+#include "syrk_workspace.h"
 
 namespace ngcuda::cuda {
 namespace {
-
-// Bytes of aggregated ÂX rows staged per pass of the sparse update: small enough to stay in L2
-// (50 MB on H100) between the gather and the SYRK that reads it, and far below N×d for the wide
-// first-layer inputs.
-constexpr int64_t kChunkBytes = 16 << 20;
-
-struct SyrkWorkspace {
-  at::Tensor partial;  // [ksplit, tiles, 64, 64] in the factor's dtype
-  at::Tensor wsum;     // [ksplit] float64
-  at::Tensor bad;      // [1] int32, 0 unless a weight or the CSR was invalid
-  int64_t ksplit = 1;
-};
-
-SyrkWorkspace make_workspace(const at::Tensor& factor, int64_t rows_per_pass) {
-  const int64_t D = factor.size(0);
-  const int64_t side = (D + plan::kSyrkTile - 1) / plan::kSyrkTile;
-  const int64_t tiles = side * (side + 1) / 2;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  SyrkWorkspace ws;
-  ws.ksplit = plan::syrk_split(rows_per_pass, tiles, sms);
-  ws.partial = at::empty({ws.ksplit, tiles, plan::kSyrkTile, plan::kSyrkTile}, factor.options());
-  ws.wsum = at::empty({ws.ksplit}, factor.options().dtype(at::kDouble));
-  ws.bad = at::zeros({1}, factor.options().dtype(at::kInt));
-  return ws;
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
-}
 
 void check_common(const at::Tensor& factor, const at::Tensor& x, double decay, bool append_bias) {
   check_float(x, "x");
@@ -63,11 +35,6 @@ void check_common(const at::Tensor& factor, const at::Tensor& x, double decay, b
   check_same_device(x, factor, "x", "factor");
   check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
   check_decay(decay);
-}
-
-at::Tensor weights_as(const c10::optional<at::Tensor>& row_weight, const at::Tensor& factor) {
-  if (!row_weight.has_value()) return at::Tensor();
-  return row_weight->to(factor.scalar_type()).contiguous();
 }
 
 // The TF32 path (float32 factors when torch.backends.cuda.matmul.allow_tf32 is set): the Gram
@@ -100,6 +67,8 @@ void factor_update_tf32(const at::Tensor& factor, const at::Tensor& x, double de
   C10_CUDA_CHECK(launch_blend_dense<float>(ptr<float>(factor), D, ptr<float>(S),
                                            ptr<double>(wsum), ptr<int>(bad), decay, stream));
 }
+
+}  // namespace
 
 void factor_update_cuda(const at::Tensor& factor, const at::Tensor& x, double decay,
                         bool append_bias, const c10::optional<at::Tensor>& row_weight) {
@@ -171,8 +140,6 @@ void sparse_factor_update_cuda(const at::Tensor& factor, const at::Tensor& rowpt
                                                    stream));
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(ngcuda, CUDA, m) {
   m.impl("factor_update_", &factor_update_cuda);

@@ -42,6 +42,19 @@ cudaError_t launch_csr_aggregate(const int64_t* rowptr, const int64_t* col, cons
                                  int64_t num_rows, const T* w, int64_t row0, int64_t rows, T* out,
                                  int* bad, cudaStream_t stream);
 
+// Dense rows of a sparse-CSR x, or of ÂX for such an x: out[r − row0] = Σ_{e ∈ Â row r} a_e ·
+// X[col_e, :] over rows r ∈ [row0, row0 + rows), with X in CSR (x_crow [x_rows + 1], x_col /
+// x_val [x_nnz], d columns); with a_rowptr null, Â is the identity (out = X's rows themselves).
+// Rows of weight 0 are written as zeros without a gather. Repeated columns within a row of X add
+// up. Malformed rows of Â or X (pointers not monotone or outside [0, nnz]) count as empty and
+// out-of-range column indices are skipped; both set *bad = 1.
+template <typename T>
+cudaError_t launch_csr_x_rows(const int64_t* a_rowptr, const int64_t* a_col, const T* a_val,
+                              int64_t a_nnz, int64_t num_rows, const int64_t* x_crow,
+                              const int64_t* x_col, const T* x_val, int64_t x_rows, int64_t d,
+                              int64_t x_nnz, const T* w, int64_t row0, int64_t rows, T* out,
+                              int* bad, cudaStream_t stream);
+
 // Jacobi eigendecomposition, one CTA per matrix, computing in float64. desc holds
 // kJacobiDescFields int64 per matrix: the input (T*, n×n row-major, lower triangle used); the
 // warm start's QᵀAQ, its basis Q and ‖QᵀQ − I‖_F (three double*, or 0 for a cold start; the warm

@@ -28,6 +28,26 @@ void sparse_factor_update_meta(const at::Tensor& factor, const at::Tensor& rowpt
   check_row_weight(row_weight, rowptr.sym_numel() - 1, factor);
 }
 
+void block_factor_update_meta(at::TensorList blocks, const at::Tensor& x, double decay,
+                              bool append_bias, const c10::optional<at::Tensor>& row_weight) {
+  check_dim(x, 2, "x");
+  check_blocks(blocks, x.sym_size(1) + (append_bias ? 1 : 0));
+  check_decay(decay);
+  if (!blocks.empty()) check_row_weight(row_weight, x.sym_size(0), blocks[0]);
+}
+
+void sparse_block_factor_update_meta(at::TensorList blocks, const at::Tensor& rowptr,
+                                     const at::Tensor& col, const c10::optional<at::Tensor>& value,
+                                     const at::Tensor& x, double decay, bool append_bias,
+                                     const c10::optional<at::Tensor>& row_weight) {
+  check_dim(x, 2, "x");
+  check_blocks(blocks, x.sym_size(1) + (append_bias ? 1 : 0));
+  check_decay(decay);
+  if (blocks.empty()) return;
+  check_csr_shapes(rowptr, col, value, blocks[0]);
+  check_row_weight(row_weight, rowptr.sym_numel() - 1, blocks[0]);
+}
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched_eigh_meta(
     at::TensorList matrices, const c10::optional<at::TensorList>& prev, c10::optional<double> tol,
     int64_t max_sweeps) {
@@ -58,8 +78,19 @@ std::vector<at::Tensor> precondition_meta(at::TensorList grads, at::TensorList Q
 TORCH_LIBRARY_IMPL(ngcuda, Meta, m) {
   m.impl("factor_update_", &factor_update_meta);
   m.impl("sparse_factor_update_", &sparse_factor_update_meta);
+  m.impl("block_factor_update_", &block_factor_update_meta);
+  m.impl("sparse_block_factor_update_", &sparse_block_factor_update_meta);
   m.impl("batched_eigh", &batched_eigh_meta);
   m.impl("precondition", &precondition_meta);
+}
+
+// A sparse CSR x on the meta device: the same shape checks (x's layout is checked by the real
+// backends, whose dispatch keys are the sparse CSR ones too).
+TORCH_LIBRARY_IMPL(ngcuda, SparseCsrMeta, m) {
+  m.impl("factor_update_", &factor_update_meta);
+  m.impl("sparse_factor_update_", &sparse_factor_update_meta);
+  m.impl("block_factor_update_", &block_factor_update_meta);
+  m.impl("sparse_block_factor_update_", &sparse_block_factor_update_meta);
 }
 
 }  // namespace ngcuda::meta

@@ -12,6 +12,16 @@ One step, top-down (:meth:`KFAC.step`):
 4. **Preconditioning** every step: ONE :func:`ngcuda.ops.precondition` call over all layers gives
    ``(A⊗G + γI)⁻¹ vec(g + η θ)``; then KL clipping, momentum (or the base optimizer), update.
 
+Distributed (:mod:`.distributed`, on when a process group of more than one rank exists): gradients
+and the step-2 statistics are averaged across ranks, weighted by example / row counts; step 3 is
+split across ranks; its results (or step 4's, ``broadcast="gradients"``) are broadcast.
+
+Each layer's ``A`` has a structure (:mod:`ngcuda.optim.structure`: ``full``, ``block:k``,
+``lowrank:r``, ``diag``; chosen automatically under a cost budget by default). Steps 2–4 dispatch
+through it: it computes its statistic from the layer's rows (:mod:`ngcuda.optim.rows`, sparse CSR
+inputs included), blends it, adds its matrices to the one ``batched_eigh`` call and preconditions
+its layer; ``full`` layers keep the batched ``ops.precondition`` call.
+
 Scaling (documented choice). The loss is a mean over ``n`` examples (labelled nodes), so the
 per-example output gradient is ``ĝ_i = n·∂L/∂z_i``. ``G = Σ_i ĝ_i ĝ_iᵀ / n`` sums over every row of
 the layer output (for inner GCN layers these include the unlabelled neighbours that ``Â`` couples
@@ -25,6 +35,7 @@ contributes ``w_i`` times its per-row Fisher and ``G`` is a weighted mean.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -34,10 +45,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .distributed import REMOTE, LocalStatistics, eigh_cost, make_communicator
 from .damping import (LMConfig, damped_curvature_energy, ekfac_precondition, ekfac_scales,
                       kl_clip_scale, lm_update)
 from .fisher import FISHER_TYPES, normalize_likelihood, probe_term, row_weights, sampled_nll
 from .layers import CaptureState, KFACLayer, LayerInfo, discover
+from .structure import Full, LayerShape, choose_structure, parse_structure
 
 __all__ = ["KFAC", "EighOptions", "KFACWarning"]
 
@@ -71,6 +84,17 @@ def _resolve(value: Any, step: int) -> Any:
 
 def _as_float(v: Any) -> float:
     return float(v.detach()) if isinstance(v, Tensor) else float(v)
+
+
+def _all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Per tensor: no NaN/Inf. One host sync for the whole list, since the max-abs norm
+    propagates NaN and turns any Inf into Inf."""
+    if not tensors:
+        return []
+    if any(t.is_sparse for t in tensors) or len({t.device for t in tensors}) > 1:
+        return [bool(torch.isfinite(t.coalesce().values() if t.is_sparse else t).all())
+                for t in tensors]
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).tolist()
 
 
 def _same_signature(a: Optional[tuple], b: Optional[tuple]) -> bool:
@@ -124,7 +148,18 @@ class KFAC(torch.optim.Optimizer):
         base_optimizer: preconditioner-only mode ("Adam-KFAC"): ``.grad`` is replaced by the
             preconditioned gradient, then ``base_optimizer.step()`` runs with its own lr / decay.
         eigh: :class:`EighOptions`.
-        seed: seed of the generator that samples true-Fisher targets (saved in the state dict).
+        seed: seed of the generator that samples true-Fisher targets (saved in the state dict);
+            in a distributed run rank r uses ``seed + r``, so that ranks sample independently.
+        distributed: None (default: on when a ``torch.distributed`` group of more than one rank
+            is initialised), True, False, or :class:`~ngcuda.optim.distributed.DistributedOptions`
+            (broadcast eigenbases or preconditioned gradients, bucket size, timeout); see
+            :mod:`ngcuda.optim.distributed`. World size 1 makes no collective calls.
+        factor_structure: structure of each layer's input factor A (see
+            :mod:`ngcuda.optim.structure`): ``"auto"`` (default), ``"full"``, ``"block:k"``,
+            ``"lowrank:r"``, ``"diag"``, or a dict layer name → one of these (unnamed layers:
+            ``"auto"``). ``"auto"`` decides at a layer's first factor update, from its shape.
+        factor_budget: the automatic choice's budget: a layer's extra K-FAC work per step at most
+            this many times its own forward+backward work.
 
     Every hyperparameter in the param groups (lr, momentum, weight_decay, damping, kl_clip) and
     ``factor_decay``/``factor_every``/``inverse_every`` may be a float or a callable of the step.
@@ -150,6 +185,9 @@ class KFAC(torch.optim.Optimizer):
         base_optimizer: Optional[torch.optim.Optimizer] = None,
         eigh: EighOptions = EighOptions(),
         seed: int = 0,
+        distributed: Any = None,
+        factor_structure: Union[str, dict[str, str]] = "auto",
+        factor_budget: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -200,8 +238,30 @@ class KFAC(torch.optim.Optimizer):
             warnings.warn(
                 f"ngcuda.KFAC: {len(plain)} parameter(s) belong to no supported layer and get the "
                 f"plain (unpreconditioned) update: {', '.join(plain)}", KFACWarning, stacklevel=2)
+        self.factor_budget = float(factor_budget)
+        self._structures = self._configure_structures(factor_structure)
+        # layers whose automatic choice assumed a constant input, to be checked at their next update
+        self._provisional: set[int] = set()
         for layer in self._layers:
             layer.attach()
+        # Distributed: None when off or world size 1 (then no collective call is ever made).
+        self._dist = make_communicator(
+            distributed, model, [eigh_cost(lay.a_size) + eigh_cost(lay.g_size)
+                                 for lay in self._layers])
+        if self._dist is not None:
+            if self.ekfac or self.adaptive_damping:
+                raise ValueError("ngcuda.KFAC: ekfac and adaptive_damping are not supported in "
+                                 "distributed runs yet (their statistics are not averaged)")
+            # The all-reduce averages dense D×D statistics; the other structures keep theirs in
+            # other forms (sketches, blocks), which are not averaged yet.
+            structured = [lay.name for lay in self._layers
+                          if not isinstance(self._structures.get(id(lay)) or Full(), Full)]
+            if structured:
+                raise ValueError("ngcuda.KFAC: distributed runs support factor_structure='full' "
+                                 f"only; got other structures for {', '.join(structured)}")
+            self._structures = {id(lay): Full() for lay in self._layers}
+            self.seed += self._dist.rank
+        self._pending_factors: Optional[tuple] = None
         self._step = 0
         self._generators: dict[str, torch.Generator] = {}
         self._warned: set[str] = set()
@@ -210,7 +270,7 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------- public
     def layers(self) -> list[LayerInfo]:
         """Registered layers: name, kind, factor sizes and the parameters they cover."""
-        return [layer.info(self._names) for layer in self._layers]
+        return [layer.info(self._names, self._structure_name(layer)) for layer in self._layers]
 
     @property
     def steps(self) -> int:
@@ -257,20 +317,24 @@ class KFAC(torch.optim.Optimizer):
         if not outputs.requires_grad:
             raise ValueError("outputs must be part of the autograd graph (requires_grad)")
         edges = [r.edge for layer in self._layers for r in layer.records]
-        if not edges:
-            return
-        gen = self._generator(outputs.device)
-        loss = sampled_nll(outputs, lik, w, gen)
-        for tensor, hessian in extra_terms:
-            loss = loss + probe_term(tensor, hessian, w, gen)
-        if not loss.requires_grad:
-            return
-        self._capture.phase = "fisher"
-        try:
-            torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
-        finally:
-            self._capture.phase = "loss"
-        self._fisher_ready = True
+        loss = None
+        if edges:
+            gen = self._generator(outputs.device)
+            loss = sampled_nll(outputs, lik, w, gen)
+            for tensor, hessian in extra_terms:
+                loss = loss + probe_term(tensor, hessian, w, gen)
+        if loss is not None and loss.requires_grad:
+            self._capture.phase = "fisher"
+            try:
+                torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
+            finally:
+                self._capture.phase = "loss"
+            self._fisher_ready = True
+        if self._dist is not None:
+            # Everything G and A need is known now: the factor all-reduce runs during the
+            # user's backward. Launched on every rank alike, whatever its data.
+            self._dist.step = self._step
+            self._pending_factors = self._launch_factors(self._step)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -283,11 +347,19 @@ class KFAC(torch.optim.Optimizer):
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
 
         self._check_hooks()
-        bad = self._nonfinite_grads()
+        finish_grads = None
+        if self._dist is not None:
+            self._dist.step = t
+            if self._dist.average_grads:
+                finish_grads = self._dist.average_gradients(
+                    [p for g in self.param_groups for p in g["params"]], self._examples())
         if self._capture.active:
-            self._update_factors(t)
+            self._update_factors(t)  # overlaps the gradient all-reduce
+        if finish_grads is not None:
+            finish_grads()
+        bad = self._nonfinite_grads()
         every = int(_resolve(self.inverse_every, t))
-        missing = any("A" in self.state[lay.weight] and "QA" not in self.state[lay.weight]
+        missing = any("A" in self.state[lay.weight] and not self._has_basis(lay, "A")
                       for lay in self._layers)
         if t % every == 0 or missing:
             self._decompose(t)
@@ -323,6 +395,8 @@ class KFAC(torch.optim.Optimizer):
         sd["kfac"] = {
             "step": self._step,
             "generators": {k: g.get_state() for k, g in self._generators.items()},
+            "structures": {layer.name: s.name for layer in self._layers
+                           if (s := self._structures.get(id(layer))) is not None},
         }
         if self.base_optimizer is not None:
             sd["base"] = self.base_optimizer.state_dict()
@@ -340,12 +414,74 @@ class KFAC(torch.optim.Optimizer):
             if self.base_optimizer is None:
                 raise ValueError("state_dict holds a base optimizer state but this KFAC has none")
             self.base_optimizer.load_state_dict(base)
-        for layer in self._layers:
+        saved = extra.get("structures", {})
+        for i, layer in enumerate(self._layers):
             layer.a_signature = None
             layer.ekfac_cache = None
+            if layer.name in saved:  # the factors are stored in that structure's form
+                self._structures[id(layer)] = parse_structure(saved[layer.name], self.seed + i)
         self._reset_step_state()
 
     # ---------------------------------------------------------------------------- internals
+    def _configure_structures(self, spec: Union[str, dict[str, str]]) -> dict[int, Any]:
+        """id(layer) → its structure, or None for "auto" (chosen at the layer's first update)."""
+        names = {layer.name for layer in self._layers}
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - names)
+            if unknown:
+                raise ValueError(f"factor_structure names unknown layer(s) {', '.join(unknown)}; "
+                                 f"registered: {', '.join(sorted(names))}")
+            per = {layer.name: spec.get(layer.name, "auto") for layer in self._layers}
+        elif isinstance(spec, str):
+            per = {layer.name: spec for layer in self._layers}
+        else:
+            raise TypeError("factor_structure must be a string or a dict name -> string")
+        out: dict[int, Any] = {}
+        for i, layer in enumerate(self._layers):
+            text = per[layer.name]
+            out[id(layer)] = None if text == "auto" else parse_structure(text, self.seed + i)
+            if self.ekfac and out[id(layer)] is not None and not out[id(layer)].batched:
+                self._warn(None, f"ekfac=True applies to full factors only; layer "
+                                 f"'{layer.name}' ({text}) gets plain K-FAC scaling")
+        return out
+
+    def _structure(self, layer: KFACLayer, sources: Optional[list] = None,
+                   constant_input: bool = False) -> Any:
+        """The layer's factor structure; "auto" is resolved from the first rows it sees."""
+        s = self._structures.get(id(layer))
+        if s is None:
+            if sources is None:
+                return Full()  # not updated yet: nothing is stored, full is the neutral answer
+            src = sources[0]
+            shape = LayerShape(D=layer.a_size, d_out=layer.g_size,
+                               rows=sum(x.rows for x in sources),
+                               nnz_x=sum(x.nnz() for x in sources),
+                               sparse_x=src.x.layout != torch.strided,
+                               nnz_adj=sum(x.adj_nnz() for x in sources))
+            s = choose_structure(shape, int(_resolve(self.factor_every, self._step)),
+                                 int(_resolve(self.inverse_every, self._step)),
+                                 self.factor_budget, self.seed + self._layers.index(layer),
+                                 constant_input)
+            self._structures[id(layer)] = s
+            if constant_input:
+                self._provisional.add(id(layer))
+        return s
+
+    def _rechoose_structure(self, layer: KFACLayer, st: dict, sources: list) -> None:
+        """A layer's input looked constant at its first update (so "auto" charged A's update and
+        eigendecomposition once) but has changed: choose again, and if the choice differs, drop
+        A's state so that the next update starts the new structure (G's average restarts too)."""
+        old = self._structures.pop(id(layer))
+        new = self._structure(layer, sources, constant_input=False)
+        if new.name != old.name:
+            for key in [k for k in st if k.startswith("A") or k in ("QA", "lamA", "S", "S_step")]:
+                del st[key]
+            layer.ekfac_cache = None
+
+    def _structure_name(self, layer: KFACLayer) -> str:
+        s = self._structures.get(id(layer))
+        return "auto" if s is None else s.name
+
     def _warn(self, key: Optional[str], msg: str) -> None:
         if key is not None:
             if key in self._warned:
@@ -368,6 +504,7 @@ class KFAC(torch.optim.Optimizer):
             layer.clear()
         self._n_examples: Optional[float] = None
         self._fisher_ready = False
+        self._pending_factors = None
         self._ekfac_rows: dict[int, tuple[Tensor, list, Optional[tuple]]] = {}
         every = int(_resolve(self.factor_every, self._step))
         self._capture.active = self._step % every == 0
@@ -395,7 +532,7 @@ class KFAC(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return set()
-        flags = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
+        flags = _all_finite([p.grad for p in params])
         bad = {id(p) for p, ok in zip(params, flags) if not ok}
         if not bad:
             return bad
@@ -418,16 +555,16 @@ class KFAC(torch.optim.Optimizer):
         g = last.grad.reshape(last.grad.shape[0], -1) if last.grad.dim() > 1 else last.grad[:, None]
         return float((g != 0).any(1).sum())
 
-    def _update_factors(self, t: int) -> None:
-        """Moving averages of A and G for every layer that was captured (step 2)."""
+    def _factor_statistics(self, t: int) -> list[tuple]:
+        """This process's statistics: per captured layer ``(layer, state, A stat or None when its
+        constant input did not change, G stat, signature, records, G rows)``."""
         fisher = self.fisher_type == "true" and self._fisher_ready
         if self.fisher_type == "true" and not self._fisher_ready:
             self._warn("fisher", "fisher_type='true' but set_outputs(...) was not called before "
                                  "backward; falling back to the empirical Fisher")
         n = self._examples()
         if not n:
-            return
-        decay = float(_resolve(self.factor_decay, t))
+            return []
         pending = []
         for layer in self._layers:
             recs = layer.used_records()
@@ -447,33 +584,82 @@ class KFAC(torch.optim.Optimizer):
             ops.factor_update_(tg, g_rows, 0.0, False)
             sig = layer.signature(recs)
             ta = None
+            provisional = id(layer) in self._provisional and "A" in st
+            self._provisional.discard(id(layer))
             if not ("A" in st and st["A_pure"] and _same_signature(sig, layer.a_signature)):
-                ta = torch.zeros(layer.a_size, layer.a_size, dtype=w.dtype, device=w.device)
-                layer.a_statistic(ta, recs)
+                sources = layer.row_sources(recs)
+                if provisional:
+                    self._rechoose_structure(layer, st, sources)
+                struct = self._structure(layer, sources, constant_input=sig is not None)
+                ta = struct.statistic(sources, st, w.dtype, w.device)
             pending.append((layer, st, ta, tg, sig, recs, g_rows))
+        return pending
+
+    def _launch_factors(self, t: int) -> tuple[dict[int, tuple], Any]:
+        """Distributed: forms the local statistics and launches their weighted all-reduce."""
+        local = {id(e[0]): e for e in self._factor_statistics(t)}
+        n = self._examples() or 0.0
+        stats: list[Optional[LocalStatistics]] = []
+        for layer in self._layers:
+            e = local.get(id(layer))
+            stats.append(None if e is None else LocalStatistics(
+                None if e[2] is None else e[2][0], float(layer.a_count(e[5])), e[3], n,
+                functools.partial(self._a_statistic, layer, e[5])))
+        templates = [((lay.a_size, lay.a_size), (lay.g_size, lay.g_size), lay.weight.dtype,
+                      lay.weight.device) for lay in self._layers]
+        return local, self._dist.average_factors(stats, templates)
+
+    def _a_statistic(self, layer: KFACLayer, recs: list) -> Tensor:
+        w = layer.weight
+        ta = torch.zeros(layer.a_size, layer.a_size, dtype=w.dtype, device=w.device)
+        layer.a_statistic(ta, recs)
+        return ta
+
+    def _averaged_statistics(self, t: int) -> list[tuple]:
+        """Distributed: the statistics averaged over every rank, as :meth:`_factor_statistics`
+        lays them out (a layer this rank did not capture has no signature, records or rows)."""
+        local, pending = self._pending_factors or self._launch_factors(t)
+        self._pending_factors = None
+        out = []
+        for layer, r in zip(self._layers, pending.wait()):
+            if r is not None:
+                sig, recs, g_rows = local[id(layer)][4:] if id(layer) in local else (None,) * 3
+                ta = None if r[0] is None else [r[0]]  # a full factor, in Full's list form
+                out.append((layer, self.state[layer.weight], ta, r[1], sig, recs, g_rows))
+        return out
+
+    def _update_factors(self, t: int) -> None:
+        """Moving averages of A and G for every layer that was captured (step 2)."""
+        if self._dist is not None:
+            pending = self._averaged_statistics(t)
+        else:
+            pending = self._factor_statistics(t)
         if not pending:
             return
-        checks = [torch.isfinite(tg).all() if ta is None
-                  else torch.isfinite(tg).all() & torch.isfinite(ta).all()
-                  for (_, _, ta, tg, *_rest) in pending]
-        flags = torch.stack([c.cpu() for c in checks]).tolist()
+        decay = float(_resolve(self.factor_decay, t))
+        stats = [[tg] if ta is None else [tg, *ta] for (_, _, ta, tg, *_rest) in pending]
+        finite = iter(_all_finite([t for group in stats for t in group]))
+        flags = [all([next(finite) for _ in group]) for group in stats]
         for (layer, st, ta, tg, sig, recs, g_rows), ok in zip(pending, flags):
             if not ok:
                 self._warn(None, f"non-finite factor statistics in layer '{layer.name}' (NaN/Inf "
                                  "activations or gradients); its factors are left unchanged")
                 continue
             first = "A" not in st
+            struct = self._structure(layer)
             if first:
-                st["A"], st["G"] = ta, tg
+                struct.blend(st, ta, decay, True)
+                st["G"] = tg
+                st["A_structure"] = struct.name
                 st["A_pure"] = True
                 st["A_dirty"] = st["G_dirty"] = True
                 st["factor_updates"] = 1
             else:
                 if ta is not None:
-                    if st["A_pure"] and torch.equal(ta, st["A"]):
+                    if st["A_pure"] and struct.same(st, ta):
                         pass  # the same constant input again: the average is unchanged
                     else:
-                        st["A"].mul_(decay).add_(ta, alpha=1.0 - decay)
+                        struct.blend(st, ta, decay, False)
                         st["A_pure"] = decay == 0.0
                         st["A_dirty"] = True
                 st["G"].mul_(decay).add_(tg, alpha=1.0 - decay)
@@ -511,39 +697,69 @@ class KFAC(torch.optim.Optimizer):
 
     def _decompose(self, t: int) -> None:
         """Step 3: eigendecompose every factor that changed since its last decomposition."""
+        # Each slot is (layer, st, key, number of matrices): G is one matrix, A as many as its
+        # structure asks for (a full factor: 1, block-diagonal: one per block, diag: none).
         slots, mats, prevs = [], [], []
         for layer in self._layers:
             st = self.state[layer.weight]
             if "A" not in st:
                 continue
-            for key in ("A", "G"):
-                if st[f"{key}_dirty"] or f"Q{key}" not in st:
-                    slots.append((layer, st, key))
-                    mats.append(st[key])
-                    q = st.get(f"Q{key}")
-                    prevs.append(q if q is not None else
-                                 torch.eye(st[key].shape[0], dtype=st[key].dtype,
-                                           device=st[key].device))
+            struct = self._structure(layer)
+            if st["A_dirty"] or not self._has_basis(layer, "A"):
+                items = struct.eigh_items(st)
+                slots.append((layer, st, "A", len(items)))
+                mats += [m for m, _ in items]
+                prevs += [q for _, q in items]
+            if st["G_dirty"] or not self._has_basis(layer, "G"):
+                slots.append((layer, st, "G", 1))
+                mats.append(st["G"])
+                q = st.get("QG")
+                prevs.append(q if q is not None else torch.eye(
+                    st["G"].shape[0], dtype=st["G"].dtype, device=st["G"].device))
+        # No early return without matrices: a diag A has none but still takes its eigen-data.
+        warm = prevs if self.eigh.warm_start else None
         if not mats:
-            return
-        res = self._eigh(mats, prevs if self.eigh.warm_start else None)
-        for (layer, st, key), r in zip(slots, res):
-            if r is None:
+            res = []
+        elif self._dist is not None:  # split across ranks; REMOTE: another rank owns it
+            units = [self._layers.index(layer) for layer, _, _, count in slots
+                     for _ in range(count)]
+            res = self._dist.decompose(mats, warm, units, self._eigh)
+        else:
+            res = self._eigh(mats, warm)
+        at = 0
+        for layer, st, key, count in slots:
+            r, at = res[at:at + count], at + count
+            if any(x is REMOTE for x in r):
+                st[f"{key}_dirty"] = False
+                st[f"{key}_remote"] = True
+                continue
+            if any(x is None for x in r):
                 self._warn(None, f"eigendecomposition of {key} of layer '{layer.name}' failed, "
                                  "also in float64; keeping its previous eigenbasis")
                 continue
-            st[f"lam{key}"] = r[0].clamp(min=0.0)
-            st[f"Q{key}"] = r[1].contiguous()
+            if key == "A":
+                self._structure(layer).take_eigh(st, r)
+            else:
+                st["lamG"] = r[0][0].clamp(min=0.0)
+                st["QG"] = r[0][1].contiguous()
             st[f"{key}_dirty"] = False
             st["basis_step"] = t
+
+    def _has_basis(self, layer: KFACLayer, key: str) -> bool:
+        """Whether factor ``key``'s eigen-data exists here or (broadcast="gradients") on its
+        owner."""
+        st = self.state[layer.weight]
+        here = self._structure(layer).ready(st) if key == "A" else "QG" in st
+        return here or bool(st.get(f"{key}_remote"))
 
     def _update_ekfac(self, t: int) -> None:
         decay = float(_resolve(self.factor_decay, t))
         for layer in self._layers:
             item = self._ekfac_rows.get(id(layer))
             st = self.state[layer.weight]
-            if item is None or "QA" not in st or "QG" not in st:
-                continue
+            if item is None or "QA" not in st or "QG" not in st or \
+                    not self._structure(layer).batched:
+                continue  # EKFAC scales need the full eigenbasis of A
             g_rows, recs, sig = item
             QA = st["QA"]
             cache = layer.ekfac_cache
@@ -577,10 +793,17 @@ class KFAC(torch.optim.Optimizer):
         matrix, preconditioned matrix)."""
         batch: dict[float, list] = {}
         done: list[tuple[KFACLayer, Tensor, Tensor, float]] = []
-        for layer in self._layers:
+        # broadcast="gradients": each layer with factors is preconditioned by its owner only.
+        shared = self._dist is not None and self._dist.options.broadcast == "gradients"
+        cands: list[tuple[int, KFACLayer, Tensor]] = []
+        for i, layer in enumerate(self._layers):
             st = self.state[layer.weight]
-            if (not layer.fired or not layer.has_grad() or id(layer.weight) in bad
-                    or "QA" not in st or "QG" not in st):
+            struct = self._structure(layer)
+            if not layer.fired or not layer.has_grad() or id(layer.weight) in bad:
+                continue
+            mine = ("A" in st and struct.ready(st) and "QG" in st
+                    and (not shared or self._dist.owns(i)))
+            if not mine and not (shared and "A" in st):
                 continue
             group = groups[id(layer.weight)]
             g = layer.grad_matrix()
@@ -588,8 +811,15 @@ class KFAC(torch.optim.Optimizer):
             if wd:
                 g = g + wd * layer.param_matrix()
             damping = float(_resolve(group["damping"], t))
-            if self.ekfac and "S" in st:
+            if shared:
+                cands.append((i, layer, g))
+                if not mine:
+                    continue
+            if self.ekfac and "S" in st and struct.batched:
                 v = ekfac_precondition(g, st["QA"], st["QG"], st["S"], damping)
+                done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
+            elif not struct.batched:
+                v = struct.precondition(g, st, st["QG"], st["lamG"], damping)
                 done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
             else:
                 batch.setdefault(damping, []).append((layer, g.contiguous(), st))
@@ -599,6 +829,12 @@ class KFAC(torch.optim.Optimizer):
                                   [s["lamG"] for *_, s in items], damping)
             for (layer, g, _), v in zip(items, vs):
                 done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
+        if shared and cands:
+            local = {self._layers.index(layer): v for layer, _, v, _ in done}
+            vs = self._dist.share_preconditioned([i for i, _, _ in cands],
+                                                 [g for _, _, g in cands], local)
+            done = [(layer, g, v, self._lr_of(groups, layer.weight, t))
+                    for (_, layer, g), v in zip(cands, vs) if v is not None]
         if not done:
             return {}, []
         kl = _resolve(self.param_groups[0]["kl_clip"], t)
@@ -681,6 +917,11 @@ class KFAC(torch.optim.Optimizer):
                 d = p.detach() - before[id(p)][0]
                 mats.append(d.reshape(layer.d_out, -1))
             delta = torch.cat(mats, 1)
+            struct = self._structure(layer)
+            if not struct.batched:  # δᵀ(A⊗G)δ = Σ (G δ) ∘ (δ A)
+                gd = st["QG"] @ (st["lamG"][:, None] * (st["QG"].T @ delta))
+                quad += (gd * struct.right_apply(st, delta)).sum().double().cpu()
+                continue
             quad += damped_curvature_energy(delta, st["QA"], st["lamA"], st["QG"], st["lamG"],
                                             0.0, st.get("S") if self.ekfac else None
                                             ).double().cpu()

@@ -31,6 +31,7 @@ Layer kinds:
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from .. import ops
+from .rows import RowSource, is_csr
 
 _PYG: Optional[dict[str, Any]] = None
 
@@ -102,10 +104,11 @@ class LayerInfo:
     a_size: int
     g_size: int
     params: tuple[str, ...]
+    structure: str = "full"  # of A: full, block:k, lowrank:r, diag; "auto" until chosen
 
     def __str__(self) -> str:
         a, g = self.a_size, self.g_size
-        return f"{self.name}: {self.kind}, A {a}x{a}, G {g}x{g}"
+        return f"{self.name}: {self.kind}, A {a}x{a} {self.structure}, G {g}x{g}"
 
 
 class KFACLayer:
@@ -152,9 +155,9 @@ class KFACLayer:
     def params(self) -> list[nn.Parameter]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
-    def info(self, names: dict[int, str]) -> LayerInfo:
+    def info(self, names: dict[int, str], structure: str = "full") -> LayerInfo:
         return LayerInfo(self.name, self.kind, self.a_size, self.g_size,
-                         tuple(names.get(id(p), "?") for p in self.params()))
+                         tuple(names.get(id(p), "?") for p in self.params()), structure)
 
     # hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -194,6 +197,12 @@ class KFACLayer:
             self._track_output(output, x)
 
     def clear(self) -> None:
+        # The grad hook of each record lives on the output's autograd node and refers back to
+        # the record, which holds that node's GradientEdge: a cycle through C++ that Python's
+        # GC cannot see, which kept every step's graph (and its saved inputs: 15 MB a step on
+        # Cora) alive. Emptying the records breaks it.
+        for r in self.records:
+            r.x = r.edge = r.grad = r.fgrad = r.extra = None
         self.records.clear()
         self.fired = False
 
@@ -217,6 +226,11 @@ class KFACLayer:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
         return x
 
+    def row_sources(self, recs: list[_Record]) -> list[RowSource]:
+        """The rows ā of each captured call, implicitly (dense or sparse CSR x)."""
+        return [RowSource(r.x if is_csr(r.x) else r.x.reshape(-1, self.d_in), None,
+                          self.bias is not None) for r in recs]
+
     def a_statistic(self, out: Tensor, recs: list[_Record]) -> None:
         """Writes mean ā āᵀ over all captured rows into ``out`` [a_size, a_size]."""
         xs = [r.x.reshape(-1, self.d_in) for r in recs]
@@ -225,6 +239,10 @@ class KFACLayer:
 
     def a_inputs_finite(self, recs: list[_Record]) -> list[Tensor]:
         return [r.x for r in recs]
+
+    def a_count(self, recs: list[_Record]) -> int:
+        """Rows behind the A statistic (its weight when ranks average their statistics)."""
+        return sum(r.x.numel() // self.d_in for r in recs)
 
     def grad_rows(self, recs: list[_Record], fisher: bool) -> Optional[Tensor]:
         """Output-gradient rows [R, d_out] of the captured calls (sampled or from the loss)."""
@@ -272,10 +290,22 @@ class LinearLayer(KFACLayer):
 class _Adjacency:
     """A layer's normalised adjacency as CSR with rows = target nodes."""
 
-    __slots__ = ("rowptr", "col", "value", "key")
+    __slots__ = ("rowptr", "col", "value", "key", "_csr")
 
     def __init__(self, rowptr: Tensor, col: Tensor, value: Optional[Tensor], key: tuple):
         self.rowptr, self.col, self.value, self.key = rowptr, col, value, key
+        self._csr: Optional[Tensor] = None
+
+    def csr(self, n: int, dtype: torch.dtype) -> Tensor:
+        """Â as a torch CSR tensor [rows, n] (built once)."""
+        if self._csr is None or self._csr.dtype != dtype:
+            v = self.value if self.value is not None else torch.ones(
+                self.col.numel(), dtype=dtype, device=self.col.device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = torch.sparse_csr_tensor(self.rowptr, self.col, v.to(dtype),
+                                                    size=(self.rowptr.numel() - 1, n))
+        return self._csr
 
 
 def _csr_by_target(edge_index: Tensor, edge_weight: Optional[Tensor], num_nodes: int,
@@ -355,6 +385,10 @@ class GCNLayer(KFACLayer):
         adj = self.adjacency(recs[0])
         return base + (adj.rowptr, adj.col, adj.value)
 
+    def row_sources(self, recs: list[_Record]) -> list[RowSource]:
+        return [RowSource(r.x, self.adjacency(r).csr(r.x.shape[0], r.x.dtype),
+                          self.bias is not None) for r in recs]
+
     def a_statistic(self, out: Tensor, recs: list[_Record]) -> None:
         """mean ā āᵀ with ā = [(ÂH)_i, 1] over all rows of all captured calls."""
         total = sum(r.x.shape[0] for r in recs)
@@ -368,6 +402,9 @@ class GCNLayer(KFACLayer):
                                       self.bias is not None)
             seen += rows
         assert seen == total
+
+    def a_count(self, recs: list[_Record]) -> int:
+        return sum(r.x.shape[0] for r in recs)
 
     def a_rows(self, recs: list[_Record]) -> Tensor:
         from ..reference import sparse_aggregate

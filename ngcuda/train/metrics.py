@@ -18,17 +18,37 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    """The epoch row with the highest val_acc; ties go to the lower val_loss, then the earlier epoch."""
-    return max(history, key=lambda r: (r["val_acc"], -r["val_loss"], -r["epoch"]))
+SELECTIONS = ("val-acc", "val-loss")
+
+SELECTION_TEXT = {
+    "val-acc": "test accuracy at the epoch of best validation accuracy (ties: lower validation loss)",
+    "val-loss": "test accuracy at the epoch of lowest validation loss (ties: higher validation accuracy)",
+}
 
 
-def summarise_node_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per optimizer over seeds: test accuracy at best validation (mean, std), best epoch, seconds/epoch."""
+def best_epoch(history: list[dict[str, float]], select: str = "val-acc") -> dict[str, float]:
+    """The model-selection epoch row. select="val-acc": highest val_acc, ties to the lower val_loss;
+    "val-loss" (Izadi et al.): lowest val_loss, ties to the higher val_acc. Then the earlier epoch."""
+    if select == "val-acc":
+        return max(history, key=lambda r: (r["val_acc"], -r["val_loss"], -r["epoch"]))
+    if select == "val-loss":
+        return max(history, key=lambda r: (-r["val_loss"], r["val_acc"], -r["epoch"]))
+    raise ValueError(f"unknown selection {select!r}: use one of {', '.join(SELECTIONS)}")
+
+
+def first_best_val_acc_epoch(history: list[dict[str, float]]) -> int:
+    """The first epoch at which the run reaches its highest validation accuracy."""
+    top = max(r["val_acc"] for r in history)
+    return next(int(r["epoch"]) for r in history if r["val_acc"] == top)
+
+
+def summarise_node_runs(runs: list[dict[str, Any]], select: str = "val-acc") -> dict[str, dict[str, float]]:
+    """Per optimizer over seeds: test accuracy at the selected epoch (see best_epoch; mean, std), that
+    epoch, the first epoch reaching the run's best validation accuracy, seconds/epoch."""
     out: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(r["optimizer"] for r in runs):
         mine = [r for r in runs if r["optimizer"] == name]
-        bests = [best_epoch(r["history"]) for r in mine]
+        bests = [best_epoch(r["history"], select) for r in mine]
         acc_m, acc_s = mean_std([b["test_acc"] for b in bests])
         val_m, _ = mean_std([b["val_acc"] for b in bests])
         ep_m, _ = mean_std([b["epoch"] for b in bests])
@@ -39,20 +59,42 @@ def summarise_node_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, float
             "test_acc_std": acc_s,
             "val_acc_mean": val_m,
             "best_epoch_mean": ep_m,
+            "first_best_val_acc_epoch_mean": mean_std([first_best_val_acc_epoch(r["history"]) for r in mine])[0],
             "seconds_per_epoch": mean_std(spe)[0],
             "final_train_loss_mean": mean_std([r["history"][-1]["train_loss"] for r in mine])[0],
         }
     return out
 
 
-def summarise_ae_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per optimizer over seeds: final training Bernoulli CE and squared error per image, seconds/epoch."""
+def epochs_to_reach(history: list[dict[str, float]], key: str, target: float) -> tuple[int, float] | None:
+    """(first epoch, its cumulative seconds) at which history[key] <= target; None if never."""
+    for h in history:
+        if h[key] <= target:
+            return int(h["epoch"]), float(h["seconds"])
+    return None
+
+
+def summarise_ae_runs(runs: list[dict[str, Any]], reference: str = "adam") -> dict[str, dict[str, float]]:
+    """Per optimizer over seeds: final training Bernoulli CE and squared error per image, seconds/epoch and,
+    when `reference` ran, the epochs and seconds each optimizer needs to reach the reference's final
+    training error of the same seed (CE and squared error; None for a seed that never gets there)."""
     out: dict[str, dict[str, float]] = {}
+    ref_final = {r["seed"]: r["history"][-1] for r in runs if r["optimizer"] == reference}
     for name in dict.fromkeys(r["optimizer"] for r in runs):
         mine = [r for r in runs if r["optimizer"] == name]
         last = [r["history"][-1] for r in mine]
         ce_m, ce_s = mean_std([h["train_bce"] for h in last])
         se_m, se_s = mean_std([h["train_sq_err"] for h in last])
+        reach = {}
+        for key in ("train_bce", "train_sq_err"):
+            hits = [epochs_to_reach(r["history"], key, ref_final[r["seed"]][key]) for r in mine
+                    if r["seed"] in ref_final]
+            ok = [h for h in hits if h is not None]
+            reach[f"epochs_to_{reference}_final_{key}"] = mean_std([h[0] for h in ok])[0] if hits and len(
+                ok) == len(hits) else None
+            reach[f"seconds_to_{reference}_final_{key}"] = mean_std([h[1] for h in ok])[0] if hits and len(
+                ok) == len(hits) else None
+            reach[f"seeds_reaching_{reference}_final_{key}"] = len(ok)
         out[name] = {
             "seeds": len(mine),
             "train_bce_mean": ce_m,
@@ -61,6 +103,8 @@ def summarise_ae_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]
             "train_sq_err_std": se_s,
             "test_sq_err_mean": mean_std([h["test_sq_err"] for h in last])[0],
             "seconds_per_epoch": mean_std([h["seconds"] / h["epoch"] for h in last])[0],
+            "epochs": mean_std([h["epoch"] for h in last])[0],
+            **(reach if ref_final else {}),
         }
     return out
 
@@ -153,15 +197,24 @@ def node_table(summary: dict[str, dict[str, float]]) -> str:
             f"{100 * s['test_acc_mean']:.2f}" + (f" ± {100 * s['test_acc_std']:.2f}" if s["seeds"] > 1 else ""),
             f"{100 * s['val_acc_mean']:.2f}",
             f"{s['best_epoch_mean']:.1f}",
+            f"{s['first_best_val_acc_epoch_mean']:.1f}",
             f"{1000 * s['seconds_per_epoch']:.2f}",
             str(s["seeds"]),
         ]
         for name, s in summary.items()
     ]
-    return format_table(["optimizer", "test acc % (best val)", "val acc %", "best epoch", "ms/epoch", "seeds"], rows)
+    headers = ["optimizer", "test acc % (selected)", "val acc %", "selected epoch", "max-val-acc epoch",
+               "ms/epoch", "seeds"]
+    return format_table(headers, rows)
 
 
-def ae_table(summary: dict[str, dict[str, float]]) -> str:
+def ae_table(summary: dict[str, dict[str, float]], reference: str = "adam") -> str:
+    reach = any(f"epochs_to_{reference}_final_train_bce" in s for s in summary.values())
+
+    def to_ref(s: dict, key: str) -> str:
+        e, sec = s.get(f"epochs_to_{reference}_final_{key}"), s.get(f"seconds_to_{reference}_final_{key}")
+        return "never" if e is None else f"{e:.1f} ({sec:.1f} s)"
+
     rows = [
         [
             name,
@@ -170,12 +223,13 @@ def ae_table(summary: dict[str, dict[str, float]]) -> str:
             f"{s['test_sq_err_mean']:.3f}",
             f"{s['seconds_per_epoch']:.3f}",
             str(s["seeds"]),
-        ]
+        ] + ([to_ref(s, "train_bce"), to_ref(s, "train_sq_err")] if reach else [])
         for name, s in summary.items()
     ]
-    return format_table(
-        ["optimizer", "train CE/image", "train sq.err/image", "test sq.err/image", "s/epoch", "seeds"], rows
-    )
+    headers = ["optimizer", "train CE/image", "train sq.err/image", "test sq.err/image", "s/epoch", "seeds"]
+    if reach:
+        headers += [f"epochs to {reference}'s final CE", f"epochs to {reference}'s final sq.err"]
+    return format_table(headers, rows)
 
 
 def vae_table(summary: dict[str, dict[str, Any]]) -> str:

@@ -1,4 +1,12 @@
-"""Full-batch node classification: one optimizer step per epoch, evaluated after every step."""
+"""Node classification: full batch (one optimizer step per epoch) or NeighborLoader mini-batches;
+evaluated after every epoch; data-parallel over the ranks of an initialised torch.distributed group.
+
+Data parallel (``ngcuda train --distributed`` under torchrun): full batch, every rank runs the whole
+graph and takes its share of the training nodes for its loss; mini-batch, every rank samples its
+share of the (shuffled, padded) training nodes, so all ranks take the same number of steps.
+``ngcuda.KFAC`` averages gradients (weighted by the example counts) and factors itself; the other
+optimizers get their gradients averaged by ``DistributedDataParallel``.
+"""
 from __future__ import annotations
 
 import time
@@ -9,10 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import torch.distributed as dist
+
 from ..data import Graph
 from ..models import build_gnn
 from .loop import sync
 from .optimizers import OptimizerConfig, make_optimizer
+from .sampling import TorchNeighborSampler, rank_share, uncache_gcn
 
 
 @dataclass
@@ -25,6 +36,9 @@ class NodeConfig:
     epochs: int = 200
     pseudo_label_gamma: float | None = None
     normalize_features: bool = True
+    batch_size: int | None = None  # None: full batch; else seed nodes per NeighborLoader batch
+    num_neighbors: tuple[int, ...] = (10, 10)  # sampled neighbours per hop (mini-batch)
+    input_dropout: bool = True
 
 
 def pseudo_label_weight(epoch: int, epochs: int, gamma: float | None) -> float:
@@ -110,6 +124,33 @@ def prepare_features(graph: Graph, cfg: NodeConfig, dense: bool = False) -> torc
     return torch.sparse_csr_tensor(rowptr, col, val * scale, size=x.shape, check_invariants=False)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default torch.distributed group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _minibatch_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, loader, device: torch.device
+                     ) -> float:
+    """One pass over the NeighborLoader batches; returns the mean batch loss."""
+    losses = []
+    for b in loader:
+        b = b.to(device)
+        bs = b.batch_size
+        rows = torch.zeros(b.num_nodes, device=device)
+        rows[:bs] = 1.0  # the loss averages over the seed nodes only
+        losses.append(train_step(net, optimizer, b.x, b.edge_index,
+                                 lambda z, b=b: F.cross_entropy(z[:bs], b.y[:bs]), rows))
+    return sum(losses) / max(len(losses), 1)
+
+
+def _mean_over_ranks(value: float, weight: float, device: torch.device) -> float:
+    t = torch.tensor([value * weight, weight], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
 def train_node_classifier(
     graph: Graph,
     optimizer_name: str,
@@ -124,28 +165,62 @@ def train_node_classifier(
     Returns {"optimizer", "seed", "history": [{epoch, train_loss, val_loss, train_acc, val_acc, test_acc,
     seconds}]}; seconds is cumulative training time (evaluation excluded).
     """
+    rank, world = rank_and_world()
+    if world > 1 and cfg.pseudo_label_gamma is not None:
+        raise ValueError("pseudo-labels are not supported in data-parallel runs")
     graph = graph.to(device)
-    # ngcuda.KFAC's factor kernels take dense layer inputs (Coauthor Physics: 1.2 GB dense).
-    x = prepare_features(graph, cfg, dense=optimizer_name.startswith("kfac"))
+    # Sparse CSR features stay sparse for the GCN models, K-FAC included: its factor structures
+    # take CSR layer inputs (dense Coauthor Physics features would be 1.2 GB). The mini-batch
+    # sampler slices node rows, which needs them dense.
+    x = prepare_features(graph, cfg, dense=bool(cfg.batch_size))
     torch.manual_seed(seed)
     model = build_gnn(
-        cfg.model, graph.num_features, graph.num_classes, cfg.hidden, cfg.dropout, cfg.layers, cfg.skip
+        cfg.model, graph.num_features, graph.num_classes, cfg.hidden, cfg.dropout, cfg.layers, cfg.skip,
+        input_dropout=cfg.input_dropout,
     ).to(device)
+    train_ids = graph.train_mask.nonzero().flatten().cpu()
+    train_mask = graph.train_mask
+    if world > 1:  # full batch: this rank's loss covers its share of the training nodes
+        train_mask = torch.zeros_like(graph.train_mask)
+        train_mask[rank_share(train_ids, rank, world, pad=False).to(device)] = True
+    net = model
+    if world > 1 and not optimizer_name.startswith("kfac"):
+        net = nn.parallel.DistributedDataParallel(model)  # K-FAC averages its own (weighted by n)
     optimizer = make_optimizer(optimizer_name, model, opt_cfg, seed=seed)
+    sampler = None
+    if cfg.batch_size:
+        from torch_geometric.data import Data
+
+        uncache_gcn(model)  # each subgraph has its own normalised adjacency
+        sampler = TorchNeighborSampler(Data(x=x.cpu(), edge_index=graph.edge_index.cpu(), y=graph.y.cpu()),
+                                       cfg.num_neighbors, seed=seed * 7919 + rank)
     history = []
     seconds = 0.0
     for epoch in range(1, cfg.epochs + 1):
         lam = pseudo_label_weight(epoch, cfg.epochs, cfg.pseudo_label_gamma)
         sync(device)
         t0 = time.perf_counter()
-        loss = train_step(
-            model, optimizer, x, graph.edge_index, lambda z: node_loss(z, graph.y, graph.train_mask, lam),
-            loss_row_weights(graph.train_mask, lam),
-        )
+        if sampler is not None:
+            from torch_geometric.loader import NeighborLoader
+
+            loader = NeighborLoader(sampler.data_ref, num_neighbors=list(cfg.num_neighbors),
+                                    input_nodes=rank_share(train_ids, rank, world, epoch, seed),
+                                    batch_size=cfg.batch_size, neighbor_sampler=sampler)
+            loss = _minibatch_epoch(net, optimizer, loader, device)
+        else:
+            loss = train_step(
+                net, optimizer, x, graph.edge_index, lambda z: node_loss(z, graph.y, train_mask, lam),
+                loss_row_weights(train_mask, lam),
+            )
         sync(device)
         seconds += time.perf_counter() - t0
+        if world > 1:  # report the loss over all ranks' training nodes, not this rank's share
+            loss = _mean_over_ranks(loss, float(train_mask.sum()) if sampler is None else 1.0, device)
         row = {"epoch": epoch, "train_loss": loss, **evaluate(model, graph, x), "seconds": seconds}
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-    return {"optimizer": optimizer_name, "seed": seed, "history": history}
+    out = {"optimizer": optimizer_name, "seed": seed, "history": history}
+    if hasattr(optimizer, "layers"):  # K-FAC: the layers and their (automatically chosen) structures
+        out["kfac_layers"] = [str(info) for info in optimizer.layers()]
+    return out

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,10 +29,16 @@ KFAC_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+PER_OPTIMIZER_FIELDS = ("lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_every",
+                        "inverse_every", "kl_clip", "fisher_type")
+
+
 @dataclass
 class OptimizerConfig:
-    """Hyperparameters shared by every optimizer. None means: DEFAULT_LR[task][name] (lr), KFAC_DEFAULTS[task]
-    then the optimizer's own default (K-FAC options), 0.9 (momentum)."""
+    """Hyperparameters shared by every optimizer. None means: DEFAULT_LR[task][name] (lr); KFAC_DEFAULTS[task]
+    then the optimizer's own default (K-FAC options); KFAC_DEFAULTS[task] for kfac, else 0.9 (momentum).
+    Any field of PER_OPTIMIZER_FIELDS may instead be a dict {optimizer name or "*": value} (see
+    `parse_per_optimizer`); `for_optimizer` resolves it."""
 
     lr: float | None = None
     momentum: float | None = None
@@ -41,20 +48,56 @@ class OptimizerConfig:
     factor_every: int | None = None
     inverse_every: int | None = None
     kl_clip: float | None = None
+    factor_structure: str | None = None
+    fisher_type: str | None = None
     task: str = "gnn"
 
-    def lr_for(self, name: str) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.task][name]
+    def for_optimizer(self, name: str) -> "OptimizerConfig":
+        """A copy with every per-optimizer dict replaced by the value for `name` (else its "*" entry, else
+        None, i.e. the default) and momentum resolved (KFAC_DEFAULTS[task] for kfac, else 0.9)."""
+        values = {}
+        for f in PER_OPTIMIZER_FIELDS:
+            v = getattr(self, f)
+            if isinstance(v, dict):
+                v = v.get(name, v.get("*"))
+                if v is None and f == "weight_decay":
+                    v = OptimizerConfig.__dataclass_fields__[f].default
+            values[f] = v
+        if values["momentum"] is None:
+            task_default = KFAC_DEFAULTS.get(self.task, {}).get("momentum") if name == "kfac" else None
+            values["momentum"] = 0.9 if task_default is None else task_default
+        return replace(self, **values)
 
-    def momentum_for(self, name: str) -> float:
-        if self.momentum is not None:
-            return self.momentum
-        return KFAC_DEFAULTS.get(self.task, {}).get("momentum", 0.9) if name == "kfac" else 0.9
-
-    def kfac_option(self, key: str) -> float | int | None:
-        """A K-FAC option: the configured value, else the task's KFAC_DEFAULTS entry, else None."""
+    def kfac_option(self, key: str) -> Any:
+        """A K-FAC option of a resolved config: the configured value, else the task's KFAC_DEFAULTS entry,
+        else None (ngcuda.KFAC's own default)."""
         value = getattr(self, key)
         return value if value is not None else KFAC_DEFAULTS.get(self.task, {}).get(key)
+
+    def lr_for(self, name: str) -> float:
+        lr = self.for_optimizer(name).lr
+        return lr if lr is not None else DEFAULT_LR[self.task][name]
+
+
+def parse_per_optimizer(text: str, convert: Callable[[str], Any]) -> Any:
+    """'0.05' -> 0.05 (every optimizer); 'kfac=0.05,kfac-sgd=0.1' -> {'kfac': 0.05, 'kfac-sgd': 0.1} (the
+    others keep their default); '0.01,kfac=0.05' -> {'*': 0.01, 'kfac': 0.05}. ValueError on a bad entry."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("empty value")
+    if len(parts) == 1 and "=" not in parts[0]:
+        return convert(parts[0])
+    out: dict[str, Any] = {}
+    for part in parts:
+        name, eq, value = part.partition("=")
+        name = name.strip().lower() if eq else "*"
+        value = value if eq else part
+        if name != "*" and name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r} in {text!r}: use {', '.join(OPTIMIZERS)}")
+        if name in out:
+            raise ValueError(f"{'a default' if name == '*' else repr(name)} given twice in {text!r}")
+        out[name] = convert(value.strip())
+    return out
 
 
 def kfac_available() -> bool:
@@ -89,11 +132,12 @@ def make_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    cfg = cfg.for_optimizer(name)
     lr = cfg.lr_for(name)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum_for(name),
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
     if not kfac_available():
         raise RuntimeError(
@@ -104,16 +148,17 @@ def make_optimizer(
 
     kfac_opts = {
         k: cfg.kfac_option(k)
-        for k in ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip")
+        for k in ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "factor_structure",
+                  "fisher_type")
         if cfg.kfac_option(k) is not None
     }
     if seed is not None and "seed" in inspect.signature(ngcuda.KFAC).parameters:
         kfac_opts["seed"] = seed
     if name == "kfac":
-        return ngcuda.KFAC(model, lr=lr, momentum=cfg.momentum_for(name), weight_decay=cfg.weight_decay, **kfac_opts)
+        return ngcuda.KFAC(model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kfac_opts)
     if name == "kfac-adam":
         base = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     else:
-        base = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum_for(name),
+        base = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
     return ngcuda.KFAC(model, base_optimizer=base, **kfac_opts)
