@@ -182,13 +182,14 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (default)")
     g = p.add_argument_group(
-        "optimizer hyperparameters (K-FAC options default to ngcuda.KFAC's own)",
+        "optimizer hyperparameters (K-FAC options default to the task's KFAC_DEFAULTS in ngcuda.train.optimizers, "
+        "then to ngcuda.KFAC's own)",
         "Each takes one VALUE for every optimizer, or a per-optimizer list NAME=VALUE,... where an unnamed "
         "VALUE is the default for the others: --lr 0.01,kfac=0.05 --damping kfac=0.01,kfac-adam=1")
     g.add_argument("--lr", type=_per_optimizer(_positive_float), default=None,
                    help="learning rate (default: per optimizer, see ngcuda.train.optimizers)")
-    g.add_argument("--momentum", type=_per_optimizer(_unit_float), default=0.9,
-                   help="SGD and K-FAC momentum (default 0.9)")
+    g.add_argument("--momentum", type=_per_optimizer(_unit_float), default=None,
+                   help="SGD and K-FAC momentum (default 0.9; train-vae's kfac 0, see ngcuda.train.optimizers)")
     g.add_argument("--weight-decay", type=_per_optimizer(_nonneg_float), default=None,
                    help="L2 coefficient (default: train 5e-4, train-ae and train-vae 0)")
     g.add_argument("--damping", type=_per_optimizer(_positive_float), default=None, help="K-FAC Tikhonov damping")
