@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("train-ae", help="MNIST deep autoencoder, optimizers side by side",
                        description="Train the 784-1000-500-250-30 MNIST autoencoder with several optimizers. "
                        "Without --data-root the shipped 10k MNIST test images are used: 8000 train, 2000 test.")
+    a.add_argument("--init", choices=("default", "sparse"), default="default",
+                   help="weight init: torch's default, or the sparse init of Martens & Grosse (15 N(0,1) "
+                   "weights per unit, zero biases)")
     _mnist_options(a)
     _common(a, default_epochs=10)
     a.set_defaults(_handler=cmd_train_ae, _parser=a)
@@ -523,7 +526,7 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     job = _mnist_job(parser, args, ["kfac", "adam", "sgd"])
     if job is None:
         return 1
-    cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size)
+    cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size, init=args.init)
     opt_cfg = _optimizer_config(args, "ae", weight_decay=0.0)
     runs = _side_by_side(
         job.optimizers, job.seeds, args,

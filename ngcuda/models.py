@@ -213,12 +213,22 @@ class Autoencoder(nn.Module):
 
     forward(x [B, 784] in [0, 1]) -> reconstruction logits [B, 784] (Bernoulli cross-entropy via
     `F.binary_cross_entropy_with_logits`; `torch.sigmoid` gives pixel means).
+
+    init: "default" (torch's uniform fan-in init) or "sparse", the sparse initialisation of Martens
+    (2010) used by Martens & Grosse (2015) for this network: each unit gets 15 incoming weights drawn
+    from N(0, 1) (all of them when it has fewer inputs), the other weights and every bias 0. Large
+    sparse weights keep the sigmoid units apart, so training does not settle first on the plateau
+    where every unit is near 0.5 and the output is the mean image.
     """
 
-    def __init__(self, sizes: tuple[int, ...] = (784, 1000, 500, 250, 30)) -> None:
+    SPARSE_FAN_IN = 15
+
+    def __init__(self, sizes: tuple[int, ...] = (784, 1000, 500, 250, 30), init: str = "default") -> None:
         super().__init__()
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least an input and a code size, got {sizes}")
+        if init not in ("default", "sparse"):
+            raise ValueError(f"init must be 'default' or 'sparse', got {init!r}")
         enc = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             enc.append(nn.Linear(a, b))
@@ -232,6 +242,18 @@ class Autoencoder(nn.Module):
                 dec.append(nn.Sigmoid())
         self.encoder = nn.Sequential(*enc)
         self.decoder = nn.Sequential(*dec)
+        if init == "sparse":
+            self._sparse_init()
+
+    @torch.no_grad()
+    def _sparse_init(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                k = min(self.SPARSE_FAN_IN, m.in_features)
+                # k distinct inputs per unit: the k smallest of i.i.d. uniform keys per row
+                cols = torch.rand(m.out_features, m.in_features).argsort(dim=1)[:, :k]
+                m.weight.zero_().scatter_(1, cols, torch.randn(m.out_features, k))
+                m.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))

@@ -41,6 +41,7 @@ def _one_thread(one_thread):
         (["train", "--dataset", "amazon-photo", "--split", "public"], "only the random split"),
         (["train", "--model", "deep-gcn", "--layers", "1", "--optimizers", "adam"], "at least 2"),
         (["train-ae", "--batch-size", "x"], "positive integer"),
+        (["train-ae", "--init", "xavier"], "invalid choice"),
         (["train", "--factor-structure", "lowrank"], "unknown factor structure"),
         (["train", "--factor-structure", "conv1:diag,conv2"], "unknown factor structure"),
         (["train", "--factor-structure", "=diag"], "LAYER=STRUCTURE"),
@@ -112,9 +113,10 @@ def test_train_is_reproducible(tmp_path):
     assert runs[0][0] != runs[0][1]  # different seeds differ
 
 
-def test_train_ae_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("init", ["default", "sparse"])
+def test_train_ae_end_to_end(tmp_path, capsys, init):
     out = tmp_path / "ae"
-    assert main(["train-ae", "--optimizers", "adam", "--epochs", "3", "--train-size", "500",
+    assert main(["train-ae", "--optimizers", "adam", "--epochs", "3", "--train-size", "500", "--init", init,
                  "--batch-size", "100", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
     assert "train CE/image" in capsys.readouterr().out
     payload = json.loads((out / "metrics.json").read_text())

@@ -110,6 +110,20 @@ def test_autoencoder_structure_and_shapes():
     assert small(torch.rand(1, 6)).shape == (1, 6)
 
 
+def test_autoencoder_sparse_init():
+    torch.manual_seed(0)
+    ae = Autoencoder((40, 20, 8, 4), init="sparse")
+    for m in ae.modules():
+        if isinstance(m, nn.Linear):
+            per_row = (m.weight != 0).sum(1)
+            assert per_row.tolist() == [min(15, m.in_features)] * m.out_features
+            assert not m.bias.any()
+            kept = m.weight[m.weight != 0]
+            assert 0.5 < kept.std().item() < 1.5  # N(0, 1), not torch's ~1/sqrt(fan_in) scale
+    with pytest.raises(ValueError, match="init must be"):
+        Autoencoder((4, 2), init="xavier")
+
+
 @pytest.mark.parametrize("name", ["gcn", "sage", "gin", "deep-gcn"])
 def test_input_dropout_off_leaves_the_features_alone(name):
     # Izadi et al.'s GCN has no dropout on the raw features: with it off, the first layer sees x itself

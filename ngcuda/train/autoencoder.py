@@ -17,6 +17,7 @@ from .optimizers import OptimizerConfig, make_optimizer
 class AEConfig:
     epochs: int = 10
     batch_size: int = 1000
+    init: str = "default"  # the Autoencoder's weight init: "default" or "sparse" (Martens 2010)
 
 
 def ae_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ def train_autoencoder(
     """
     x_train, x_test = x_train.to(device), x_test.to(device)
     torch.manual_seed(seed)
-    model = Autoencoder().to(device)
+    model = Autoencoder(init=cfg.init).to(device)
     optimizer = make_optimizer(optimizer_name, model, opt_cfg, seed=seed)
 
     def evaluate() -> dict[str, float]:
