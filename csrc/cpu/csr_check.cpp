@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "../checks.h"
+
 namespace ngcuda::cpu {
 
 void check_csr_values(const at::Tensor& rowptr, const at::Tensor& col, int64_t x_rows) {
@@ -60,6 +62,17 @@ bool check_csr_x_values(const at::Tensor& x) {
   return AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "ngcuda_check_csr_x", [&] {
     return check_csr_x_typed<index_t>(crow, col, x.size(0), x.size(1));
   });
+}
+
+std::pair<at::Tensor, at::Tensor> checked_adjacency(const at::Tensor& rowptr, const at::Tensor& col,
+                                                    const c10::optional<at::Tensor>& value,
+                                                    const c10::optional<at::Tensor>& row_weight,
+                                                    const at::Tensor& like, int64_t x_rows) {
+  check_csr_shapes(rowptr, col, value, like);
+  check_row_weight(row_weight, rowptr.numel() - 1, like);
+  std::pair<at::Tensor, at::Tensor> out{rowptr.contiguous(), col.contiguous()};
+  check_csr_values(out.first, out.second, x_rows);
+  return out;
 }
 
 }  // namespace ngcuda::cpu

@@ -2,6 +2,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <utility>
 
 namespace ngcuda::cpu {
 
@@ -13,5 +16,13 @@ void check_csr_values(const at::Tensor& rowptr, const at::Tensor& col, int64_t x
 // Returns whether every row's columns are strictly increasing (sorted, no duplicates), which
 // lets the sparse Gram walk each row from the current entry on instead of in full.
 bool check_csr_x_values(const at::Tensor& x);
+
+// Every check of the adjacency arguments of the sparse updates: Â's shapes, dtypes and device
+// against `like` (the factor or first block), the row weights over Â's rows, and Â's indices
+// against x's x_rows rows. Returns rowptr and col, contiguous.
+std::pair<at::Tensor, at::Tensor> checked_adjacency(const at::Tensor& rowptr, const at::Tensor& col,
+                                                    const c10::optional<at::Tensor>& value,
+                                                    const c10::optional<at::Tensor>& row_weight,
+                                                    const at::Tensor& like, int64_t x_rows);
 
 }  // namespace ngcuda::cpu

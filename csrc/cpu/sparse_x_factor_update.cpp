@@ -231,11 +231,8 @@ void sparse_factor_update_csr(const at::Tensor& factor, const at::Tensor& rowptr
   check_csr_x(x, factor);
   check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
   check_decay(decay);
-  check_csr_shapes(rowptr_in, col_in, value, factor);
-  check_row_weight(row_weight, rowptr_in.numel() - 1, factor);
-  const at::Tensor rowptr = rowptr_in.contiguous();
-  const at::Tensor col = col_in.contiguous();
-  check_csr_values(rowptr, col, x.size(0));
+  const auto [rowptr, col] =
+      checked_adjacency(rowptr_in, col_in, value, row_weight, factor, x.size(0));
   check_csr_x_values(x);
   update_blocks_agg({factor}, rowptr, col, value, x, decay, append_bias, row_weight);
 }
@@ -250,11 +247,8 @@ void sparse_block_factor_update_csr(at::TensorList blocks, const at::Tensor& row
   if (blocks.empty()) return;
   check_csr_x(x, blocks[0]);
   check_decay(decay);
-  check_csr_shapes(rowptr_in, col_in, value, blocks[0]);
-  check_row_weight(row_weight, rowptr_in.numel() - 1, blocks[0]);
-  const at::Tensor rowptr = rowptr_in.contiguous();
-  const at::Tensor col = col_in.contiguous();
-  check_csr_values(rowptr, col, x.size(0));
+  const auto [rowptr, col] =
+      checked_adjacency(rowptr_in, col_in, value, row_weight, blocks[0], x.size(0));
   check_csr_x_values(x);
   update_blocks_agg(blocks, rowptr, col, value, x, decay, append_bias, row_weight);
 }
