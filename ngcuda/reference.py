@@ -105,6 +105,14 @@ def sparse_aggregate(rowptr: Tensor, col: Tensor, value: Optional[Tensor], x: Te
     return out.index_add_(0, dst, msg)
 
 
+def _dense_aggregate(rowptr: Tensor, col: Tensor, value: Optional[Tensor], x: Tensor,
+                     compute_dtype: Optional[torch.dtype]) -> Tensor:
+    """ÂX [M, d] as a dense tensor in compute_dtype (x dense or sparse CSR)."""
+    xs = _as(csr_to_dense(x), compute_dtype)
+    vs = None if value is None else value.to(xs.dtype)
+    return sparse_aggregate(rowptr, col, vs, xs)
+
+
 def sparse_factor_update(
     factor: Tensor,
     rowptr: Tensor,
@@ -117,9 +125,7 @@ def sparse_factor_update(
     compute_dtype: Optional[torch.dtype] = torch.float64,
 ) -> Tensor:
     """:func:`factor_update` of the aggregate ÂX, materialised densely."""
-    xs = _as(csr_to_dense(x), compute_dtype)
-    vs = None if value is None else value.to(xs.dtype)
-    agg = sparse_aggregate(rowptr, col, vs, xs)
+    agg = _dense_aggregate(rowptr, col, value, x, compute_dtype)
     return factor_update(factor, agg, decay, append_bias, row_weight, compute_dtype)
 
 
@@ -185,9 +191,7 @@ def sparse_block_factor_update(
     compute_dtype: Optional[torch.dtype] = torch.float64,
 ) -> list[Tensor]:
     """:func:`block_factor_update` of the aggregate ÂX, materialised densely."""
-    xs = _as(csr_to_dense(x), compute_dtype)
-    vs = None if value is None else value.to(xs.dtype)
-    agg = sparse_aggregate(rowptr, col, vs, xs)
+    agg = _dense_aggregate(rowptr, col, value, x, compute_dtype)
     return block_factor_update(blocks, agg, decay, append_bias, row_weight, compute_dtype)
 
 
