@@ -63,14 +63,17 @@ def test_precondition_is_the_damped_kronecker_inverse(dout, din):
     assert rel_err(out, dense) <= 1e-12
 
 
-# Wide layers (8·d_out ≤ d_in, d_in ≥ 512) go through column blocks of Q_A, 128 wide, summed
-# over threads: a last partial block (517 = 4·128 + 5), one block exactly (512), and a layer
-# list mixing the blocked and plain paths, at 1 and 2 threads.
+# Wide layers (8·d_out ≤ d_in, d_in ≥ 512, d_out ≤ 64) go through column blocks of Q_A, 128 wide,
+# summed over threads, in panels of 16 outputs: a last partial block (517 = 4·128 + 5), one block
+# exactly (512), an input count no multiple of 16 (1000), panels of 1, 16, 17 and 64 outputs, a
+# layer list mixing the wide and plain paths (65 outputs, 511 inputs), and Q_A as torch.linalg.eigh
+# returns it (column-major), at 1 and 2 threads.
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_precondition_blocked_wide_layers(threads, dtype, tol):
+@pytest.mark.parametrize("column_major", [False, True])
+def test_precondition_wide_layers(threads, dtype, tol, column_major):
     gen = torch.Generator().manual_seed(3)
-    shapes = [(3, 517), (1, 512), (16, 1434), (64, 511), (5, 7)]
+    shapes = [(3, 517), (1, 512), (16, 1434), (17, 1000), (64, 512), (65, 600), (64, 511), (5, 7)]
     args = {k: [] for k in ("grads", "QA", "lamA", "QG", "lamG")}
     for dout, din in shapes:
         la, qa = eig_of_random_psd(din, gen)
@@ -79,11 +82,13 @@ def test_precondition_blocked_wide_layers(threads, dtype, tol):
                                qa, la, qg, lg)):
             args[k].append(v)
     expected = reference.precondition(**args, damping=0.03)
+    cast = {k: [t.to(dtype) for t in v] for k, v in args.items()}
+    cast["QA"] = [q.T.contiguous().T if column_major else q.contiguous() for q in cast["QA"]]
+    assert cast["QA"][0].is_contiguous() != column_major
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = ops.precondition(**{k: [t.to(dtype) for t in v] for k, v in args.items()},
-                               damping=0.03)
+        out = ops.precondition(**cast, damping=0.03)
     finally:
         torch.set_num_threads(before)
     for o, e in zip(out, expected):
