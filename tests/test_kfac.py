@@ -507,6 +507,42 @@ def test_row_weights_give_a_weighted_mean_fisher():
     assert rel_err(Gs[1], Gs[0]) <= 1e-12 and torch.equal(Gs[2], Gs[0])
 
 
+def test_mask_changed_in_place_is_seen_by_the_next_step():
+    """The mask's rows are reused while the same tensor comes back: an in-place change must
+    not leave the next step's sampled Fisher on the old rows."""
+    x = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def run(masks):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4)).double()
+        opt = ngcuda.KFAC(model, kl_clip=None, factor_decay=0.0, seed=5)
+        for mask in masks():
+            opt.zero_grad()
+            out = model(x)
+            opt.set_outputs(out, mask=mask)
+            out[mask].sum().backward()
+            opt.step()
+        return opt.state[model[0].weight]["G"]
+
+    first = torch.zeros(20, dtype=torch.bool)
+    first[:4] = True
+
+    def same_tensor():
+        mask = first.clone()
+        yield mask
+        mask[:4] = False
+        mask[10:] = True
+        yield mask
+
+    def fresh_tensors():
+        yield first.clone()
+        yield torch.arange(20) >= 10
+
+    g = run(same_tensor)
+    assert torch.equal(g, run(fresh_tensors))
+    assert not torch.equal(g, run(lambda: iter([first.clone(), first.clone()])))
+
+
 def test_layer_called_twice_uses_rows_of_both_calls():
     torch.manual_seed(0)
     lin = nn.Linear(3, 2).double()

@@ -29,14 +29,15 @@ covariance is the sum of the two curvatures. This is the sampled Fisher of a Gau
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FISHER_TYPES", "LIKELIHOODS", "normalize_likelihood", "probe_term", "row_weights",
-           "sampled_nll"]
+__all__ = ["FISHER_TYPES", "LIKELIHOODS", "ExampleRows", "example_rows", "normalize_likelihood",
+           "probe_term", "row_weights", "sampled_nll"]
 
 FISHER_TYPES = ("true", "empirical")
 LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
@@ -79,17 +80,39 @@ def row_weights(outputs: Tensor, mask: Optional[Tensor]) -> Tensor:
     return w
 
 
-def sampled_nll(outputs: Tensor, likelihood: str, weight: Tensor,
+@dataclass(frozen=True)
+class ExampleRows:
+    """The rows a loss averages over, from :func:`row_weights`.
+
+    weight: [N] row weights; rows: [R] indices of the rows with weight > 0; total: Σ weight;
+    unit: every kept weight is 1 (a mask or node indices), so the √w factor is skipped.
+    """
+
+    weight: Tensor
+    rows: Tensor
+    total: float
+    unit: bool
+
+
+def example_rows(outputs: Tensor, mask: Optional[Tensor]) -> ExampleRows:
+    """:class:`ExampleRows` of ``outputs`` [N, ...] for a mask as :func:`row_weights` takes it."""
+    w = row_weights(outputs, mask)
+    rows = torch.nonzero(w > 0).flatten()
+    unit = mask is None or mask.dtype == torch.bool or not mask.dtype.is_floating_point
+    return ExampleRows(w, rows, float(w.sum()), unit)
+
+
+def sampled_nll(outputs: Tensor, likelihood: str, weight: Union[Tensor, ExampleRows],
                 generator: Optional[torch.Generator]) -> Tensor:
     """``Σ_i √w_i · (−log p(ỹ_i | z_i))`` with ``ỹ_i`` sampled from the model (scalar).
 
     The square root makes a row of weight ``w_i`` contribute ``w_i ĝ_i ĝ_iᵀ`` to the output
     factor, so ``G = Σ_i w_i ĝ_i ĝ_iᵀ / Σ_i w_i`` is a weighted mean (pseudo-label weights).
-    Only rows with ``w_i > 0`` are sampled and differentiated.
+    Only rows with ``w_i > 0`` are sampled and differentiated. ``weight`` is [N], or the
+    :class:`ExampleRows` of an earlier step with the same mask.
     """
-    rows = torch.nonzero(weight > 0).flatten()
-    z = outputs.index_select(0, rows)
-    w = weight.index_select(0, rows)
+    ex = weight if isinstance(weight, ExampleRows) else example_rows(outputs, weight)
+    z = outputs.index_select(0, ex.rows)
     with torch.no_grad():
         zd = z.detach().float()
         if likelihood == "categorical":
@@ -107,8 +130,10 @@ def sampled_nll(outputs: Tensor, likelihood: str, weight: Tensor,
     else:
         nll = F.binary_cross_entropy_with_logits(z, target, reduction="none")
         nll = nll.reshape(z.shape[0], -1).sum(1)
+    if ex.unit:
+        return nll.sum()
     # √w: a row of weight w then adds w·(its per-row Fisher) to Σ ĝĝᵀ, i.e. a weighted mean.
-    return (w.sqrt() * nll).sum()
+    return (ex.weight.index_select(0, ex.rows).sqrt() * nll).sum()
 
 
 def probe_term(tensor: Tensor, hessian: Union[Tensor, float], weight: Tensor,

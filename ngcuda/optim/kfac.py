@@ -48,7 +48,8 @@ from .. import ops
 from .distributed import REMOTE, LocalStatistics, eigh_cost, make_communicator
 from .damping import (LMConfig, damped_curvature_energy, ekfac_precondition, ekfac_scales,
                       kl_clip_scale, lm_update)
-from .fisher import FISHER_TYPES, normalize_likelihood, probe_term, row_weights, sampled_nll
+from .fisher import (FISHER_TYPES, ExampleRows, example_rows, normalize_likelihood, probe_term,
+                     sampled_nll)
 from .layers import CaptureState, KFACLayer, LayerInfo, discover
 from .structure import Full, LayerShape, choose_structure, parse_structure
 
@@ -242,6 +243,7 @@ class KFAC(torch.optim.Optimizer):
         self._structures = self._configure_structures(factor_structure)
         # layers whose automatic choice assumed a constant input, to be checked at their next update
         self._provisional: set[int] = set()
+        self._rows_cache: Optional[tuple] = None  # (mask, key, ExampleRows), see _example_rows
         for layer in self._layers:
             layer.attach()
         # Distributed: None when off or world size 1 (then no collective call is ever made).
@@ -307,8 +309,8 @@ class KFAC(torch.optim.Optimizer):
             return
         if not isinstance(outputs, Tensor):
             raise TypeError(f"outputs must be a Tensor, got {type(outputs).__name__}")
-        w = row_weights(outputs, mask)
-        self._n_examples = float(w.sum())
+        ex = self._example_rows(outputs, mask)
+        self._n_examples = ex.total
         if self.fisher_type != "true" or not self._capture.active:
             return
         lik = normalize_likelihood(likelihood) or self.likelihood
@@ -320,9 +322,9 @@ class KFAC(torch.optim.Optimizer):
         loss = None
         if edges:
             gen = self._generator(outputs.device)
-            loss = sampled_nll(outputs, lik, w, gen)
+            loss = sampled_nll(outputs, lik, ex, gen)
             for tensor, hessian in extra_terms:
-                loss = loss + probe_term(tensor, hessian, w, gen)
+                loss = loss + probe_term(tensor, hessian, ex.weight, gen)
         if loss is not None and loss.requires_grad:
             self._capture.phase = "fisher"
             try:
@@ -335,6 +337,18 @@ class KFAC(torch.optim.Optimizer):
             # user's backward. Launched on every rank alike, whatever its data.
             self._dist.step = self._step
             self._pending_factors = self._launch_factors(self._step)
+
+    def _example_rows(self, outputs: Tensor, mask: Optional[Tensor]) -> ExampleRows:
+        """The mask's rows, reused while the same mask tensor comes back unchanged (a training
+        loop passes its train mask every step; finding its rows again is a handful of ops)."""
+        key = (outputs.shape[0], outputs.dtype, outputs.device,
+               None if mask is None else mask._version)
+        cached = self._rows_cache
+        if cached is not None and cached[0] is mask and cached[1] == key:
+            return cached[2]
+        ex = example_rows(outputs, mask)
+        self._rows_cache = (mask, key, ex)
+        return ex
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -809,7 +823,7 @@ class KFAC(torch.optim.Optimizer):
             g = layer.grad_matrix()
             wd = float(_resolve(group["weight_decay"], t))
             if wd:
-                g = g + wd * layer.param_matrix()
+                g = torch.add(g, layer.param_matrix(), alpha=wd)
             damping = float(_resolve(group["damping"], t))
             if shared:
                 cands.append((i, layer, g))
@@ -840,7 +854,8 @@ class KFAC(torch.optim.Optimizer):
         kl = _resolve(self.param_groups[0]["kl_clip"], t)
         nu = 1.0
         if kl:
-            vg = float(torch.stack([(v * g).sum() * (lr * lr) for _, g, v, lr in done]).sum())
+            dots = torch.stack([torch.vdot(v.reshape(-1), g.reshape(-1)) for _, g, v, _ in done])
+            vg = sum(d * lr * lr for d, (*_, lr) in zip(dots.tolist(), done))
             nu = kl_clip_scale(vg, 1.0, kl)
         updates: dict[int, Tensor] = {}
         for layer, _, v, _ in done:
