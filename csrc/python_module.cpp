@@ -1,6 +1,8 @@
 // The Python module ngcuda._C: loading it registers the ops; build_info reports what was compiled.
 #include <torch/extension.h>
 
+#include "cpu/small_gemm.h"
+
 #ifndef NGCUDA_TORCH_VERSION
 #define NGCUDA_TORCH_VERSION "unknown"
 #endif
@@ -26,6 +28,8 @@ pybind11::dict build_info() {
 #endif
   info["backends"] = backends;
   info["torch_version"] = std::string(NGCUDA_TORCH_VERSION);
+  // The vector kernels this CPU runs (small_gemm and panel_gemm pick them at load time).
+  info["cpu_kernels"] = std::string(ngcuda::cpu::gemm::variant());
   return info;
 }
 

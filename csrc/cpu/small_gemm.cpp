@@ -2,8 +2,12 @@
 // for baseline x86-64, and the block shape that fills AVX-512's 32 registers spills on AVX2.
 #include "small_gemm.h"
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -229,17 +233,30 @@ NGCUDA_AVX512 void avx512_mirror_f64(double* c, int64_t ld) {
 
 enum Level { kGeneric, kAvx2, kAvx512 };
 
+// NGCUDA_CPU_ISA=generic|avx2|avx512 caps the level (read once): it lets the tests run the
+// variants a machine would not pick by itself, and a user rule out a suspect one.
+Level capped(Level detected) {
+  const char* env = std::getenv("NGCUDA_CPU_ISA");
+  if (env == nullptr || *env == '\0') return detected;
+  const std::string name(env);
+  TORCH_CHECK(name == "generic" || name == "avx2" || name == "avx512",
+              "ngcuda: NGCUDA_CPU_ISA must be generic, avx2 or avx512, got '", name, "'");
+  const Level cap = name == "generic" ? kGeneric : name == "avx2" ? kAvx2 : kAvx512;
+  return std::min(detected, cap);
+}
+
 Level isa() {
 #if NGCUDA_GEMM_DISPATCH
-  static const Level value = [] {
+  static const Level value = capped([] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) return kAvx512;
     if (__builtin_cpu_supports("x86-64-v3")) return kAvx2;
     return kGeneric;
-  }();
+  }());
   return value;
 #else
-  return kGeneric;
+  static const Level value = capped(kGeneric);
+  return value;
 #endif
 }
 
