@@ -520,7 +520,7 @@ def test_mask_changed_in_place_is_seen_by_the_next_step():
             opt.zero_grad()
             out = model(x)
             opt.set_outputs(out, mask=mask)
-            out[mask].sum().backward()
+            out[mask.clone()].sum().backward()  # clone: an inference-mode mask cannot index
             opt.step()
         return opt.state[model[0].weight]["G"]
 
@@ -541,6 +541,17 @@ def test_mask_changed_in_place_is_seen_by_the_next_step():
     g = run(same_tensor)
     assert torch.equal(g, run(fresh_tensors))
     assert not torch.equal(g, run(lambda: iter([first.clone(), first.clone()])))
+
+    def inference_tensors():  # no version counter: their rows are found afresh every step
+        with torch.inference_mode():
+            mask = first.clone()
+        yield mask
+        with torch.inference_mode():
+            mask[:4] = False
+            mask[10:] = True
+        yield mask
+
+    assert torch.equal(g, run(inference_tensors))
 
 
 def test_layer_called_twice_uses_rows_of_both_calls():

@@ -341,8 +341,12 @@ class KFAC(torch.optim.Optimizer):
     def _example_rows(self, outputs: Tensor, mask: Optional[Tensor]) -> ExampleRows:
         """The mask's rows, reused while the same mask tensor comes back unchanged (a training
         loop passes its train mask every step; finding its rows again is a handful of ops)."""
-        key = (outputs.shape[0], outputs.dtype, outputs.device,
-               None if mask is None else mask._version)
+        try:
+            version = None if mask is None else mask._version
+        except RuntimeError:  # an inference-mode tensor has no version counter: never reused
+            self._rows_cache = None
+            return example_rows(outputs, mask)
+        key = (outputs.shape[0], outputs.dtype, outputs.device, version)
         cached = self._rows_cache
         if cached is not None and cached[0] is mask and cached[1] == key:
             return cached[2]
