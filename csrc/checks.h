@@ -108,4 +108,37 @@ inline void check_blocks(at::TensorList blocks, const c10::SymInt& D) {
               " (the columns of x, plus the bias column when append_bias), got ", total);
 }
 
+// x of a factor update against its target: dense (float, 2-D, on the target's device) or sparse
+// CSR (check_csr_x, which also names any other sparse layout the sparse kernels are handed, such
+// as CSC).
+inline void check_update_x(const at::Tensor& x, const at::Tensor& ref) {
+  if (x.layout() != at::kStrided) {
+    check_csr_x(x, ref);
+    return;
+  }
+  check_float(x, "x");
+  check_dim(x, 2, "x");
+  check_same_device(x, ref, "x", "factor");
+}
+
+// The checks every factor update runs before its own (adjacency, row weights): x, the factor's
+// size d (+1 with append_bias), decay.
+inline void check_factor_update(const at::Tensor& factor, const at::Tensor& x, double decay,
+                                bool append_bias) {
+  check_update_x(x, factor);
+  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
+  check_decay(decay);
+}
+
+// The same for the block form; false when the list is empty (nothing to check against or update).
+inline bool check_block_update(at::TensorList blocks, const at::Tensor& x, double decay,
+                               bool append_bias) {
+  check_dim(x, 2, "x");
+  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
+  if (blocks.empty()) return false;
+  check_update_x(x, blocks[0]);
+  check_decay(decay);
+  return true;
+}
+
 }  // namespace ngcuda

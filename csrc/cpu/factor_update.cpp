@@ -11,12 +11,6 @@
 namespace ngcuda::cpu {
 namespace {
 
-void check_dense_x(const at::Tensor& x, const at::Tensor& ref) {
-  check_float(x, "x");
-  check_dim(x, 2, "x");
-  check_same_device(x, ref, "x", "factor");
-}
-
 // The blocks (one block: the whole factor) after their checks. Each block costs N·n_k² / 2: the
 // Gram of its own columns of x, never the D×D product.
 void update_blocks(at::TensorList blocks, const at::Tensor& x, double decay, bool append_bias,
@@ -47,20 +41,14 @@ void update_blocks(at::TensorList blocks, const at::Tensor& x, double decay, boo
 
 void factor_update_cpu(const at::Tensor& factor, const at::Tensor& x, double decay, bool append_bias,
                        const c10::optional<at::Tensor>& row_weight) {
-  check_dense_x(x, factor);
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
-  check_decay(decay);
+  check_factor_update(factor, x, decay, append_bias);
   check_row_weight(row_weight, x.size(0), factor);
   update_blocks({factor}, x, decay, append_bias, row_weight);
 }
 
 void block_factor_update_cpu(at::TensorList blocks, const at::Tensor& x, double decay,
                              bool append_bias, const c10::optional<at::Tensor>& row_weight) {
-  check_dim(x, 2, "x");
-  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
-  if (blocks.empty()) return;
-  check_dense_x(x, blocks[0]);
-  check_decay(decay);
+  if (!check_block_update(blocks, x, decay, append_bias)) return;
   check_row_weight(row_weight, x.size(0), blocks[0]);
   update_blocks(blocks, x, decay, append_bias, row_weight);
 }

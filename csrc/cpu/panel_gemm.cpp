@@ -1,8 +1,6 @@
 // Register-blocked products of a square matrix with a narrow panel; see panel_gemm.h.
 #include "panel_gemm.h"
 
-#include "small_gemm.h"
-
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -71,7 +69,7 @@ template <typename S, int MR, bool kTrans>
 NGCUDA_PANEL_INLINE void rows_from(const typename S::T* q, int64_t ldq, const typename S::T* p,
                                    int64_t ldp, typename S::T* c, int64_t ldc, int64_t r,
                                    int64_t rows, int64_t w, int64_t k, bool accumulate) {
-  static_assert(kPanelPad % S::kWidth == 0, "the vector width must divide the panel padding");
+  static_assert(gemm::kPad % S::kWidth == 0, "the vector width must divide the panel padding");
   for (; r + MR <= rows; r += MR) {
     const typename S::T* qr = kTrans ? q + r : q + r * ldq;
     for (int64_t j = 0; j < w; j += S::kWidth) {

@@ -6,17 +6,16 @@
 // place and keep an MR×NR block of the result in registers over the whole inner loop (AVX-512 /
 // AVX2 variants picked at load time, about 160 GFLOP/s a core for AVX-512).
 //
-// Both forms write C [rows, w] with w a multiple of kPanelPad (the caller zero-pads the panel);
-// rows and k are arbitrary. Each call is single-threaded: the caller splits the rows.
+// Both forms write C [rows, w] with w a multiple of gemm::kPad (the caller zero-pads the panel to
+// gemm::padded(w)); rows and k are arbitrary. Each call is single-threaded: the caller splits the
+// rows.
 #pragma once
 
 #include <cstdint>
 
+#include "small_gemm.h"
+
 namespace ngcuda::cpu::panel {
-
-constexpr int64_t kPanelPad = 16;
-
-inline int64_t padded(int64_t w) { return (w + kPanelPad - 1) / kPanelPad * kPanelPad; }
 
 // C[0:rows, 0:w] (+)= Q[0:k, 0:rows]ᵀ · P[0:k, 0:w]: q points at column r0 of Q, so a strip of
 // `rows` columns of Q is read down its k rows.

@@ -34,7 +34,7 @@ constexpr int64_t kRows = 64;
 template <typename T>
 at::Tensor precondition_wide(const at::Tensor& g, const at::Tensor& qa_in, const at::Tensor& la_in,
                              const at::Tensor& qg, const at::Tensor& lg_in, double damping) {
-  const int64_t dout = g.size(0), d = g.size(1), w = panel::padded(dout);
+  const int64_t dout = g.size(0), d = g.size(1), w = gemm::padded(dout);
   // torch.linalg.eigh returns column-major eigenvectors: their storage is a row-major Q_Aᵀ, read
   // in place with the two product forms swapped.
   const bool stored_t = !qa_in.is_contiguous() && qa_in.t().is_contiguous();

@@ -93,11 +93,7 @@ void sparse_factor_update_cpu(const at::Tensor& factor, const at::Tensor& rowptr
                               const at::Tensor& col_in, const c10::optional<at::Tensor>& value,
                               const at::Tensor& x, double decay, bool append_bias,
                               const c10::optional<at::Tensor>& row_weight) {
-  check_float(x, "x");
-  check_dim(x, 2, "x");
-  check_same_device(x, factor, "x", "factor");
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
-  check_decay(decay);
+  check_factor_update(factor, x, decay, append_bias);
   const auto [rowptr, col] =
       checked_adjacency(rowptr_in, col_in, value, row_weight, factor, x.size(0));
   update_blocks({factor}, rowptr, col, value, x, decay, append_bias, row_weight);
@@ -108,12 +104,7 @@ void sparse_block_factor_update_cpu(at::TensorList blocks, const at::Tensor& row
                                     const c10::optional<at::Tensor>& value, const at::Tensor& x,
                                     double decay, bool append_bias,
                                     const c10::optional<at::Tensor>& row_weight) {
-  check_dim(x, 2, "x");
-  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
-  if (blocks.empty()) return;
-  check_float(x, "x");
-  check_same_device(x, blocks[0], "x", "factor");
-  check_decay(decay);
+  if (!check_block_update(blocks, x, decay, append_bias)) return;
   const auto [rowptr, col] =
       checked_adjacency(rowptr_in, col_in, value, row_weight, blocks[0], x.size(0));
   update_blocks(blocks, rowptr, col, value, x, decay, append_bias, row_weight);

@@ -204,9 +204,7 @@ void update_blocks_agg(at::TensorList blocks, const at::Tensor& rowptr, const at
 
 void factor_update_csr(const at::Tensor& factor, const at::Tensor& x, double decay,
                        bool append_bias, const c10::optional<at::Tensor>& row_weight) {
-  check_csr_x(x, factor);
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
-  check_decay(decay);
+  check_factor_update(factor, x, decay, append_bias);
   check_row_weight(row_weight, x.size(0), factor);
   const bool sorted = check_csr_x_values(x);
   update_blocks_x({factor}, x, sorted, decay, append_bias, row_weight);
@@ -214,11 +212,7 @@ void factor_update_csr(const at::Tensor& factor, const at::Tensor& x, double dec
 
 void block_factor_update_csr(at::TensorList blocks, const at::Tensor& x, double decay,
                              bool append_bias, const c10::optional<at::Tensor>& row_weight) {
-  check_dim(x, 2, "x");
-  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
-  if (blocks.empty()) return;
-  check_csr_x(x, blocks[0]);
-  check_decay(decay);
+  if (!check_block_update(blocks, x, decay, append_bias)) return;
   check_row_weight(row_weight, x.size(0), blocks[0]);
   const bool sorted = check_csr_x_values(x);
   update_blocks_x(blocks, x, sorted, decay, append_bias, row_weight);
@@ -228,9 +222,7 @@ void sparse_factor_update_csr(const at::Tensor& factor, const at::Tensor& rowptr
                               const at::Tensor& col_in, const c10::optional<at::Tensor>& value,
                               const at::Tensor& x, double decay, bool append_bias,
                               const c10::optional<at::Tensor>& row_weight) {
-  check_csr_x(x, factor);
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
-  check_decay(decay);
+  check_factor_update(factor, x, decay, append_bias);
   const auto [rowptr, col] =
       checked_adjacency(rowptr_in, col_in, value, row_weight, factor, x.size(0));
   check_csr_x_values(x);
@@ -242,11 +234,7 @@ void sparse_block_factor_update_csr(at::TensorList blocks, const at::Tensor& row
                                     const c10::optional<at::Tensor>& value, const at::Tensor& x,
                                     double decay, bool append_bias,
                                     const c10::optional<at::Tensor>& row_weight) {
-  check_dim(x, 2, "x");
-  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
-  if (blocks.empty()) return;
-  check_csr_x(x, blocks[0]);
-  check_decay(decay);
+  if (!check_block_update(blocks, x, decay, append_bias)) return;
   const auto [rowptr, col] =
       checked_adjacency(rowptr_in, col_in, value, row_weight, blocks[0], x.size(0));
   check_csr_x_values(x);

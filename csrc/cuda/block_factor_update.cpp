@@ -16,12 +16,7 @@ namespace {
 
 void block_factor_update_cuda(at::TensorList blocks, const at::Tensor& x, double decay,
                               bool append_bias, const c10::optional<at::Tensor>& row_weight) {
-  check_dim(x, 2, "x");
-  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
-  if (blocks.empty()) return;
-  check_float(x, "x");
-  check_same_device(x, blocks[0], "x", "factor");
-  check_decay(decay);
+  if (!check_block_update(blocks, x, decay, append_bias)) return;
   check_row_weight(row_weight, x.size(0), blocks[0]);
   const std::vector<BlockSpan> spans = block_spans(blocks, x.size(1), append_bias);
   for (size_t k = 0; k < spans.size(); ++k) {
@@ -35,12 +30,7 @@ void sparse_block_factor_update_cuda(at::TensorList blocks, const at::Tensor& ro
                                      const at::Tensor& col, const c10::optional<at::Tensor>& value,
                                      const at::Tensor& x, double decay, bool append_bias,
                                      const c10::optional<at::Tensor>& row_weight) {
-  check_dim(x, 2, "x");
-  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
-  if (blocks.empty()) return;
-  check_float(x, "x");
-  check_same_device(x, blocks[0], "x", "factor");
-  check_decay(decay);
+  if (!check_block_update(blocks, x, decay, append_bias)) return;
   check_csr_shapes(rowptr, col, value, blocks[0]);
   check_row_weight(row_weight, rowptr.numel() - 1, blocks[0]);
   const std::vector<BlockSpan> spans = block_spans(blocks, x.size(1), append_bias);

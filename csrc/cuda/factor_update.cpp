@@ -29,14 +29,6 @@
 namespace ngcuda::cuda {
 namespace {
 
-void check_common(const at::Tensor& factor, const at::Tensor& x, double decay, bool append_bias) {
-  check_float(x, "x");
-  check_dim(x, 2, "x");
-  check_same_device(x, factor, "x", "factor");
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
-  check_decay(decay);
-}
-
 // The TF32 path (float32 factors when torch.backends.cuda.matmul.allow_tf32 is set): the Gram
 // matrix from one cuBLAS GEMM on tensor cores (10-bit mantissa products, ~3e-4 relative error),
 // the bias column and Σw from reductions, all on the device, then the same blend.
@@ -72,7 +64,7 @@ void factor_update_tf32(const at::Tensor& factor, const at::Tensor& x, double de
 
 void factor_update_cuda(const at::Tensor& factor, const at::Tensor& x, double decay,
                         bool append_bias, const c10::optional<at::Tensor>& row_weight) {
-  check_common(factor, x, decay, append_bias);
+  check_factor_update(factor, x, decay, append_bias);
   check_row_weight(row_weight, x.size(0), factor);
   const int64_t N = x.size(0);
   const int64_t d = x.size(1);
@@ -102,7 +94,7 @@ void sparse_factor_update_cuda(const at::Tensor& factor, const at::Tensor& rowpt
                                const at::Tensor& col_in, const c10::optional<at::Tensor>& value,
                                const at::Tensor& x, double decay, bool append_bias,
                                const c10::optional<at::Tensor>& row_weight) {
-  check_common(factor, x, decay, append_bias);
+  check_factor_update(factor, x, decay, append_bias);
   check_csr_shapes(rowptr_in, col_in, value, factor);
   const int64_t M = rowptr_in.numel() - 1;
   check_row_weight(row_weight, M, factor);

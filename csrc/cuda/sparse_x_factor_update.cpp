@@ -105,20 +105,14 @@ Adjacency adjacency(const at::Tensor& rowptr, const at::Tensor& col,
 
 void factor_update_csr_cuda(const at::Tensor& factor, const at::Tensor& x, double decay,
                             bool append_bias, const c10::optional<at::Tensor>& row_weight) {
-  check_csr_x(x, factor);
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
-  check_decay(decay);
+  check_factor_update(factor, x, decay, append_bias);
   check_row_weight(row_weight, x.size(0), factor);
   update_blocks({factor}, nullptr, x, decay, append_bias, row_weight);
 }
 
 void block_factor_update_csr_cuda(at::TensorList blocks, const at::Tensor& x, double decay,
                                   bool append_bias, const c10::optional<at::Tensor>& row_weight) {
-  check_dim(x, 2, "x");
-  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
-  if (blocks.empty()) return;
-  check_csr_x(x, blocks[0]);
-  check_decay(decay);
+  if (!check_block_update(blocks, x, decay, append_bias)) return;
   check_row_weight(row_weight, x.size(0), blocks[0]);
   update_blocks(blocks, nullptr, x, decay, append_bias, row_weight);
 }
@@ -127,9 +121,7 @@ void sparse_factor_update_csr_cuda(const at::Tensor& factor, const at::Tensor& r
                                    const at::Tensor& col, const c10::optional<at::Tensor>& value,
                                    const at::Tensor& x, double decay, bool append_bias,
                                    const c10::optional<at::Tensor>& row_weight) {
-  check_csr_x(x, factor);
-  check_factor(factor, x.size(1) + (append_bias ? 1 : 0));
-  check_decay(decay);
+  check_factor_update(factor, x, decay, append_bias);
   check_csr_shapes(rowptr, col, value, factor);
   check_row_weight(row_weight, rowptr.numel() - 1, factor);
   const Adjacency adj = adjacency(rowptr, col, value, factor);
@@ -141,11 +133,7 @@ void sparse_block_factor_update_csr_cuda(at::TensorList blocks, const at::Tensor
                                          const c10::optional<at::Tensor>& value,
                                          const at::Tensor& x, double decay, bool append_bias,
                                          const c10::optional<at::Tensor>& row_weight) {
-  check_dim(x, 2, "x");
-  check_blocks(blocks, x.size(1) + (append_bias ? 1 : 0));
-  if (blocks.empty()) return;
-  check_csr_x(x, blocks[0]);
-  check_decay(decay);
+  if (!check_block_update(blocks, x, decay, append_bias)) return;
   check_csr_shapes(rowptr, col, value, blocks[0]);
   check_row_weight(row_weight, rowptr.numel() - 1, blocks[0]);
   const Adjacency adj = adjacency(rowptr, col, value, blocks[0]);
