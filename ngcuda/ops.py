@@ -260,7 +260,9 @@ def batched_eigh(
         tol: stop when the off-diagonal Frobenius norm of QᵀAQ is at most ``tol·‖A‖_F`` (the CPU
             refinement tests ‖AQ − QΛ‖_F ≤ tol·‖A‖_F, the same quantity for an orthonormal Q,
             with tol raised to 4·n·ε64 where that is larger: below it the float64 residual is
-            rounding); None picks 1e-7 for float32 and 1e-14 for float64.
+            rounding); None picks 1e-14 for float64, and for float32 1e-5 on the CPU (the
+            accuracy float32 results promise, which the refinement checks on float32 products)
+            and 1e-7 on CUDA.
         max_sweeps: on CUDA, most Jacobi sweeps per matrix; on the CPU, most refinement steps per
             warm-started matrix (each is a simultaneous Jacobi step over all pairs, made of
             matrix products). 0 accepts a warm start only if it already passes the stop test.
@@ -269,7 +271,10 @@ def batched_eigh(
     refined by iterative refinement (Ogita & Aishima 2018: S = QᵀAQ, R = I − QᵀQ, a first-order
     correction of every pair at once, Q ← Q + QE), with exact Jacobi rotations for pairs of
     clustered eigenvalues, first in float32 and then in float64 for the stop test, which also
-    requires ‖QᵀQ − I‖_F ≤ 1e-6 (float32) or about 1e2·n·ε (float64). A matrix that does not pass
+    requires ‖QᵀQ − I‖_F ≤ tol/2 within [1e-6, 5e-6] (float32) or about 1e2·n·ε (float64). A
+    float32 matrix with n·ε32 + 2√n·ε32 ≤ tol/2 (n ≤ 80 at the default 1e-5) may finish from its
+    float32 products, when the residual and ‖QᵀQ − I‖_F measured there, plus their own rounding
+    (2√n·ε32), are within half of tol and of 1e-5. A matrix that does not pass
     it within ``max_sweeps`` steps, stops improving, or starts too far off (a quarter of its pairs
     badly coupled) is solved cold by LAPACK and reported as ``EighStatus.WARM_FALLBACK``. Other
     sizes are solved cold, their warm start unused. On CUDA, the shared-memory Jacobi finishes

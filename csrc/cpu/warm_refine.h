@@ -21,6 +21,9 @@
 // The first steps use float32 products (twice as fast, and their result only needs to be good to
 // float32 noise); the last ones float64, where the stop test is evaluated:
 //   ‖offdiag(QᵀAQ)‖_F ≤ tol·‖A‖_F   and   ‖QᵀQ − I‖_F ≤ orth_tol.
+// A float32 result under a tol well above float32's own rounding of these measures (n·ε32, the
+// CPU default 1e-5 up to n = 80) is instead finished in float32, where both measures plus their
+// rounding pass half of their bounds: no float64 product at all.
 // A matrix that does not get there (iteration limit, no progress, a cluster too large to pay off)
 // is handed back to the caller, which solves it cold.
 #pragma once
