@@ -22,10 +22,11 @@ OK, FALLBACK = ops.EighStatus.OK, ops.EighStatus.WARM_FALLBACK
 
 
 def orth_bound(n: int, dtype: torch.dtype) -> float:
-    """‖QᵀQ − I‖_F bound: 1e-5 in float32 up to n = 100; beyond, LAPACK's own float32 result
-    (torch.linalg.eigh alike) drifts as ~7e-8·n (1.0e-5 at n = 127, 1.9e-5 at n = 300).
+    """‖QᵀQ − I‖_F bound: 1e-5 in float32 up to n = 83; beyond, LAPACK's own float32 result
+    (torch.linalg.eigh alike) grows as ~7e-8·n on average (1.0e-5 at n = 127, 1.9e-5 at n = 300)
+    and reaches 1.004e-5 at n = 100 for some matrices (found by hypothesis), so 1.2e-7·n there.
     1e-10 in float64."""
-    return max(TOL[dtype], 1e-7 * n) if dtype == torch.float32 else TOL[dtype]
+    return max(TOL[dtype], 1.2e-7 * n) if dtype == torch.float32 else TOL[dtype]
 
 
 def refined_orth_bound(n: int, dtype: torch.dtype, tol: float | None = None) -> float:
