@@ -704,6 +704,7 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
   // float32 phase: down to float32 noise, while it pays.
   const double low_margin = kLowMargin * std::sqrt(nd) * kUnit32;
   const bool low_finish = sizeof(T) == 4 && nd * kUnit32 + low_margin <= 0.5 * options.tol;
+  const double low_finish_off = 0.5 * tol - low_margin * scaled_norm;
   double last_off = std::numeric_limits<double>::infinity();
   for (int64_t k = 0; k < kLowMaxSteps && steps < options.max_steps; ++k) {
     // The first step goes without R: a start's own ‖QᵀQ − I‖ (float32 rounding, ~1e-6) is below
@@ -712,17 +713,18 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
     // a start that may already pass the float32 finish gets its R (and S again) at once.
     bool with_r = k > 0;
     Measure ms = products(lo, n, ld, with_r);
-    double off = std::sqrt(ms.off_sq);
-    if (!with_r && low_finish && off + low_margin * scaled_norm <= 0.5 * tol) {
-      ms = products_from_w(lo, n, ld);
-      off = std::sqrt(ms.off_sq);
+    const double off = std::sqrt(ms.off_sq);
+    if (!with_r && low_finish && off <= low_finish_off) {
+      // S stands (finish_products only mirrors it again); R = I − QᵀQ is all that is missing.
+      gemm::xty(lo.q, lo.q, lo.r, ld, n, ld, false, true);
+      ms = finish_products(lo.s, lo.r, n, ld);
       with_r = true;
     }
     if (with_r && !checked && !check_prev(std::sqrt(ms.r_sq))) {
       result.outcome = Outcome::kNotOrthonormal;
       return result;
     }
-    if (low_finish && with_r && off + low_margin * scaled_norm <= 0.5 * tol &&
+    if (low_finish && with_r && off <= low_finish_off &&
         std::sqrt(ms.r_sq) + low_margin <= 0.5 * kLowFinishOrth) {
       write_sorted(lo, n, ld, unscale, ws, values, vectors);
       result.outcome = Outcome::kConverged;
