@@ -118,6 +118,22 @@ def test_cold_mixed_sizes(dtype, sizes, big, psd, seed):
     check(mats, values, vectors, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_matrices_beside_small_ones(dtype):
+    """n ≥ 768 is solved by LAPACK outside the parallel loop, one size at a time: two equal large
+    sizes (one stack), one odd one, and small matrices on either side of them, each in its slot,
+    with or without warm starts (unused at these sizes)."""
+    gen = torch.Generator().manual_seed(21)
+    sizes = [5, 768, 40, 769, 768, 64]
+    mats = [random_symmetric(n, gen, psd=n % 2 == 0) for n in sizes]
+    prev = [torch.linalg.eigh(a)[1] for a in mats]
+    for starts in (None, prev):
+        values, vectors, status = (ops.batched_eigh_with_status([a.to(dtype) for a in mats])
+                                   if starts is None else warm(mats, starts, dtype))
+        assert status.tolist() == [OK] * len(sizes)
+        check(mats, values, vectors, dtype)
+
+
 @given(
     sizes=st.lists(st.integers(1, 110), min_size=1, max_size=5),
     prev_kind=st.sampled_from(["exact", "drifted", "random_orthogonal"]),
