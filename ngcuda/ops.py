@@ -267,7 +267,14 @@ def batched_eigh(
             warm-started matrix (each is a simultaneous Jacobi step over all pairs, made of
             matrix products). 0 accepts a warm start only if it already passes the stop test.
 
-    Warm starts on the CPU (10 ≤ n ≤ 96, where they pay, measured): the previous eigenvectors are
+    Cold on the CPU: n ≤ 10 by cyclic Jacobi; float32 n ≤ 96 and float64 n ≤ 176 by our own
+    Householder tridiagonalisation and implicit QL in float64, a few matrices interleaved per
+    thread (faster than LAPACK at these sizes, measured); larger ones by LAPACK (?syevd), in
+    parallel over the matrices, and n ≥ 768 with LAPACK's own threads. ``tol`` and
+    ``max_sweeps`` do not affect cold solves.
+
+    Warm starts on the CPU (float32 20 ≤ n ≤ 96, float64 10 ≤ n ≤ 96, where they beat the cold
+    path, measured): the previous eigenvectors are
     refined by iterative refinement (Ogita & Aishima 2018: S = QᵀAQ, R = I − QᵀQ, a first-order
     correction of every pair at once, Q ← Q + QE), with exact Jacobi rotations for pairs of
     clustered eigenvalues, first in float32 and then in float64 for the stop test, which also
@@ -276,7 +283,7 @@ def batched_eigh(
     float32 products, when the residual and ‖QᵀQ − I‖_F measured there, plus their own rounding
     (2√n·ε32), are within half of tol and of 1e-5. A matrix that does not pass
     it within ``max_sweeps`` steps, stops improving, or starts too far off (a quarter of its pairs
-    badly coupled) is solved cold by LAPACK and reported as ``EighStatus.WARM_FALLBACK``. Other
+    badly coupled) is solved cold and reported as ``EighStatus.WARM_FALLBACK``. Other
     sizes are solved cold, their warm start unused. On CUDA, the shared-memory Jacobi finishes
     warm starts for n ≤ 119 (H100; 101 on A100) after rotating into QᵀAQ, larger ones go to
     cuSOLVER; ``prev_eigenvectors``, ``tol`` and ``max_sweeps`` only affect the Jacobi sizes.

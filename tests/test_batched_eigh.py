@@ -1,21 +1,29 @@
 """batched_eigh against a float64 reference (ngcuda.reference), cold and warm, plus its errors.
 
 Eigenvectors are checked through the residual ‖AQ − QΛ‖_F/‖A‖_F and ‖QᵀQ − I‖_F, never by sign.
-The CPU kernel refines warm starts for WARM_MIN_N ≤ n ≤ WARM_MAX_N (iterative refinement by
-matrix products); other sizes are solved cold, so tests of the refinement use sizes in that range.
+The CPU kernel refines warm starts for WARM_MIN_N[dtype] ≤ n ≤ WARM_MAX_N (iterative refinement by
+matrix products); other sizes are solved cold, so tests of the refinement use sizes in that range
+(20 to 96 for both dtypes). Cold, float32 n ≤ 96 and float64 n ≤ 176 go to the Householder + QL
+solver (TRIDIAGONAL_MAX_N), which works in float64.
 """
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import ngcuda
 from ngcuda import ops, reference
 
-WARM_MIN_N, WARM_MAX_N = 10, 96
+WARM_MIN_N, WARM_MAX_N = {torch.float32: 20, torch.float64: 10}, 96
+TRIDIAGONAL_MAX_N = {torch.float32: 96, torch.float64: 176}
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 OK, FALLBACK = ops.EighStatus.OK, ops.EighStatus.WARM_FALLBACK
@@ -118,6 +126,105 @@ def test_cold_mixed_sizes(dtype, sizes, big, psd, seed):
     check(mats, values, vectors, dtype)
 
 
+def tridiagonal_bound(n: int, dtype: torch.dtype) -> float:
+    """Residual and ‖QᵀQ − I‖_F of the Householder + QL solver: float64 work, so in float32 only
+    the final rounding, ~5e-8·√n (3.5e-7 at n = 64), well below LAPACK's float32 result (6.5e-6
+    at n = 64), which a silent fallback would show."""
+    return 1e-7 * math.sqrt(n) if dtype == torch.float32 else 1e-12
+
+
+def structured(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "graded_down":  # large entries at the top: T is reversed before QL
+        return kfac_factor(n, gen)
+    if kind == "graded_up":
+        return kfac_factor(n, gen).flip(0, 1)
+    if kind == "diagonal":
+        return torch.diag(torch.randn(n, dtype=torch.float64, generator=gen))
+    if kind == "tridiagonal":  # no reflection needed: every H_k = I
+        t = torch.diag(torch.randn(n, dtype=torch.float64, generator=gen))
+        off = torch.randn(n - 1, dtype=torch.float64, generator=gen)
+        return t + torch.diag(off, 1) + torch.diag(off, -1)
+    if kind == "repeated":  # rank one plus identity: n − 1 equal eigenvalues
+        v = torch.randn(n, 1, dtype=torch.float64, generator=gen)
+        return torch.eye(n, dtype=torch.float64) + v @ v.T
+    if kind == "zero":
+        return torch.zeros(n, n, dtype=torch.float64)
+    return random_symmetric(n, gen, psd=kind == "psd")
+
+
+KINDS = ["symmetric", "psd", "graded_down", "graded_up", "diagonal", "tridiagonal", "repeated",
+         "zero"]
+
+
+@given(
+    sizes=st.lists(st.integers(11, 176), min_size=1, max_size=9),
+    kind=st.sampled_from(KINDS),
+    scale_exp=st.sampled_from([0, -30, 30]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tridiagonal_cold_path(dtype, sizes, kind, scale_exp, seed):
+    """Cold matrices of 11 ≤ n ≤ TRIDIAGONAL_MAX_N go to the Householder + QL solver, several
+    interleaved per work item (1 to 9 matrices here: groups of 1 to 4): structured inputs, both
+    gradings, and scales of 1e±30 (float32's squares would overflow) against the float64
+    reference, within the solver's own tight bound."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [min(n, TRIDIAGONAL_MAX_N[dtype]) for n in sizes]
+    mats = [structured(kind, n, gen) * 10.0**scale_exp for n in sizes]
+    values, vectors, status = ops.batched_eigh_with_status([a.to(dtype) for a in mats])
+    assert status.tolist() == [OK] * len(mats)
+    check(mats, values, vectors, dtype, orth=tridiagonal_bound)
+    for a, lam, q in zip(mats, values, vectors):
+        res = (a @ q.double() - q.double() * lam.double()).norm() / (a.norm() + 1e-300)
+        assert res.item() <= tridiagonal_bound(a.shape[0], dtype)
+        if kind == "zero":
+            assert bool((lam == 0).all())
+
+
+def test_tridiagonal_exact_on_diagonal_input():
+    """A diagonal matrix needs no reflection and no rotation, and the power-of-two scaling rounds
+    nothing: the eigenvalues are the sorted diagonal and the vectors a permutation, bit for bit."""
+    d = torch.randperm(33, generator=torch.Generator().manual_seed(4)).double() * 0.37 - 5.0
+    for dtype in DTYPES:
+        (lam,), (q,) = ops.batched_eigh([torch.diag(d).to(dtype)])
+        order = torch.argsort(d.to(dtype))
+        assert torch.equal(lam, d.to(dtype)[order])
+        assert torch.equal(q, torch.eye(33, dtype=dtype)[:, order])
+
+
+def test_tridiagonal_fallback_to_lapack():
+    """NGCUDA_EIGH_QL_MAX_ITERATIONS=0 makes every QL give up at once: each matrix is then solved
+    by LAPACK, alone, in its own slot, and the results are as correct (run in a fresh process,
+    the setting is read once)."""
+    code = textwrap.dedent("""
+        import torch
+        from ngcuda import ops, reference
+        gen = torch.Generator().manual_seed(8)
+        sizes = [11, 64, 33, 64, 96, 20]
+        mats = []
+        for n in sizes:
+            g = torch.randn(n, n, dtype=torch.float64, generator=gen)
+            mats.append(g @ g.T / n)
+        ref, _ = reference.batched_eigh(mats)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+            values, vectors, status = ops.batched_eigh_with_status([a.to(dtype) for a in mats])
+            assert status.tolist() == [0] * len(sizes), status
+            for a, lam, q, r in zip(mats, values, vectors, ref):
+                lam, q = lam.double(), q.double()
+                assert (lam - r).abs().max() <= tol * a.norm()
+                assert (a @ q - q * lam).norm() <= tol * a.norm()
+                assert (q.T @ q - torch.eye(a.shape[0], dtype=torch.float64)).norm() <= 1.2e-7 * 96
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ngcuda.__file__)))
+    env = dict(os.environ, NGCUDA_EIGH_QL_MAX_ITERATIONS="0",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_matrices_beside_small_ones(dtype):
     """n ≥ 768 is solved by LAPACK outside the parallel loop, one size at a time: two equal large
@@ -157,7 +264,7 @@ def test_warm_start(dtype, sizes, prev_kind, rel, kind, seed):
         new, prev = old, [random_orthogonal(n, gen) for n in sizes]
     values, vectors, status = warm(new, prev, dtype)
     for n, code in zip(sizes, status.tolist()):
-        assert code == OK or (code == FALLBACK and WARM_MIN_N <= n <= WARM_MAX_N), (n, code)
+        assert code == OK or (code == FALLBACK and WARM_MIN_N[dtype] <= n <= WARM_MAX_N), (n, code)
     check(new, values, vectors, dtype)
 
 
@@ -169,7 +276,7 @@ def test_warm_refinement_converges(dtype, tol, rel):
     at the default tol (float32: finished from float32 products where n allows) and at a tight
     one (float32: to an orthogonality LAPACK's float32 result does not reach)."""
     gen = torch.Generator().manual_seed(11)
-    sizes = [10, 17, 33, 48, 64, 65, 96]
+    sizes = [20, 27, 33, 48, 64, 65, 96]
     old = [kfac_factor(n, gen) for n in sizes]
     new = [drift(a, rel, gen) for a in old]
     prev = [torch.linalg.eigh(a.to(dtype))[1].double() for a in old]
@@ -268,7 +375,7 @@ def test_identity_accepts_any_basis(dtype):
     """Every orthonormal basis diagonalises c·I: the warm start is returned as it is, refined only
     for orthonormality."""
     gen = torch.Generator().manual_seed(17)
-    sizes = [12, 40, 96]
+    sizes = [20, 40, 96]
     mats = [3.0 * torch.eye(n, dtype=torch.float64) for n in sizes]
     prev = [random_orthogonal(n, gen) for n in sizes]
     values, vectors, status = warm(mats, prev, dtype)
@@ -286,7 +393,7 @@ def test_warm_scale_and_zero(dtype, scale):
     """The refinement works on A scaled to unit norm: tiny and huge factors (1e±30, beyond
     float32's squares) behave like unit ones, and a zero factor keeps its basis."""
     gen = torch.Generator().manual_seed(19)
-    old = [kfac_factor(n, gen) for n in (12, 40)]
+    old = [kfac_factor(n, gen) for n in (20, 40)]
     new = [scale * drift(a, 1e-3, gen) for a in old]
     prev = [torch.linalg.eigh(a)[1] for a in old]
     values, vectors, status = warm(new, prev, dtype)
@@ -332,11 +439,11 @@ def test_degenerate_eigenvalues(dtype, warm):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_diagonal_input_needs_no_sweep(dtype):
-    """A diagonal matrix with an identity warm start (n = 12, refined) converges with
+    """A diagonal matrix with an identity warm start (n = 20, refined) converges with
     max_sweeps=0; the result is the sorted diagonal and a permutation matrix, exactly."""
-    d = torch.tensor([3.0, -1.0, 2.0, 0.5, 7.0, -4.0, 1.5, 9.0, -2.5, 0.0, 6.0, 4.5], dtype=dtype)
+    d = torch.randperm(20, generator=torch.Generator().manual_seed(5)).to(dtype) * 0.5 - 4.0
     a = torch.diag(d)
-    eye = torch.eye(12, dtype=dtype)
+    eye = torch.eye(20, dtype=dtype)
     values, vectors, status = ops.batched_eigh_with_status([a, a], [eye, eye], max_sweeps=0)
     assert status.tolist() == [0, 0]
     order = torch.argsort(d)
@@ -431,7 +538,7 @@ BAD_INPUTS = [
     ([torch.eye(3), torch.eye(2)], [torch.eye(3), torch.eye(3)], {},
      r"prev_eigenvectors\[1\] must have the shape of matrices\[1\]"),
     ([torch.eye(3)], [torch.eye(3, dtype=torch.float64)], {}, r"prev_eigenvectors\[0\] is Double"),
-    ([torch.eye(16)], [2.0 * torch.eye(16)], {}, r"prev_eigenvectors\[0\] is not orthonormal"),
+    ([torch.eye(24)], [2.0 * torch.eye(24)], {}, r"prev_eigenvectors\[0\] is not orthonormal"),
     ([torch.eye(3)], None, {"tol": -1.0}, r"tol must be finite and >= 0"),
     ([torch.eye(3)], None, {"tol": math.nan}, r"tol must be finite and >= 0"),
     ([torch.eye(3)], None, {"max_sweeps": -1}, r"max_sweeps must be >= 0"),

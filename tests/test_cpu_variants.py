@@ -1,6 +1,7 @@
 """The CPU vector kernels a machine would not pick by itself (NGCUDA_CPU_ISA caps the level):
-the generic and AVX2 variants of small_gemm (warm eigensolver) and panel_gemm (wide-layer
-precondition), each against the float64 reference in a fresh process."""
+the generic and AVX2 variants of small_gemm (warm eigensolver), panel_gemm (wide-layer
+precondition) and the Householder + QL cold eigensolver, each against the float64 reference in a
+fresh process."""
 from __future__ import annotations
 
 import os
@@ -60,6 +61,22 @@ CHECK = textwrap.dedent("""
             res = float((a @ q - q * lam).norm() / a.norm())
             orth = float((q.T @ q - torch.eye(q.shape[0], dtype=torch.float64)).norm())
             assert res <= tol and orth <= tol, (dtype, a.shape[0], res, orth)
+
+    # cold batched_eigh (Householder + QL): float64 work, so float32 results hold to ~1e-7·√n
+    for dtype, sizes in ((torch.float32, (11, 33, 64, 96)), (torch.float64, (11, 64, 150))):
+        mats = []
+        for n in sizes:
+            q = psd(n)[1]
+            a = q @ torch.diag(torch.logspace(0, -3, n, dtype=torch.float64)) @ q.T
+            mats.append(((a + a.T) / 2).to(dtype))
+        vals, vecs = ops.batched_eigh(mats)
+        for a, lam, q in zip(mats, vals, vecs):
+            a, lam, q = a.double(), lam.double(), q.double()
+            n = a.shape[0]
+            bound = 1e-7 * n**0.5 if dtype == torch.float32 else 1e-12
+            res = float((a @ q - q * lam).norm() / a.norm())
+            orth = float((q.T @ q - torch.eye(n, dtype=torch.float64)).norm())
+            assert res <= bound and orth <= bound, (dtype, n, res, orth)
     print("ok", got)
 """)
 

@@ -5,8 +5,10 @@
 // matrix per thread. A matrix the refinement cannot finish within max_sweeps steps (or not
 // cheaply: a basis that is far off) is solved cold afterwards and reported with status
 // kWarmFallback, so its result is as good as a cold one. Other sizes are solved cold.
-// Cold: LAPACK (?syevd through at::linalg_eigh) on per-thread stacks of same-size matrices, except
-// for tiny matrices where a cold Jacobi in our own buffers beats LAPACK's per-call overhead.
+// Cold: tiny matrices (n ≤ 10) by a cyclic Jacobi in our own buffers, small ones (float32 n ≤ 96,
+// float64 n ≤ 176) by our Householder + QL (tridiagonal_eigh.h), a few matrices interleaved per
+// work item; larger ones by LAPACK (?syevd through at::linalg_eigh) on per-thread stacks of
+// same-size matrices, and n ≥ 768 by LAPACK with its own threads.
 // Only the lower triangle of each matrix is read, as in torch.linalg.eigh.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +26,7 @@
 #include <vector>
 
 #include "jacobi.h"
+#include "tridiagonal_eigh.h"
 #include "warm_refine.h"
 
 // The sweep gets AVX-512 / AVX2 clones picked at load time: setup.py compiles for baseline x86-64.
@@ -55,18 +58,31 @@ int64_t cold_jacobi_max_n() {
   return value;
 }
 // The sizes whose warm starts are refined; the others are solved cold, their warm start unused.
-// Measured single-threaded CPU time of 64 K-FAC-like factors after a 1e-3 drift against stacked
-// LAPACK (AMD EPYC Zen 5, float32): the refinement is 1.5× faster at n = 16, 1.4× at 64, even at
-// 96 and 0.7× at 128 (1.3× at 128 for a 1e-6 drift, 0.75× at 256); below n ≈ 10 the cold Jacobi
-// is faster than either. The refinement keeps about 110·n² bytes of buffers per thread (1 MiB at
-// n = 96).
-int64_t warm_min_n() {
-  static const int64_t value = env_int("NGCUDA_EIGH_WARM_MIN_N", 10);
-  return value;
+// Measured single-threaded CPU time of K-FAC-like factors after a 1e-3 drift against the cold path
+// (AMD EPYC Zen 5, best of 15). float32: against our Householder + QL, the refinement is even at
+// n ≈ 20, 1.3× faster at 32, 1.5× at 64 and 96; against LAPACK 0.7× at 128. float64: the cold
+// solver is faster at this drift (1.4× at n = 64), even at a 1e-5 drift, and slower only for
+// nearly exact starts (1.5× at a 1e-8 drift), so the range is kept. The refinement keeps about
+// 110·n² bytes of buffers per thread (1 MiB at n = 96).
+int64_t warm_min_n(at::ScalarType dtype) {
+  static const int64_t forced = env_int("NGCUDA_EIGH_WARM_MIN_N", -1);
+  if (forced >= 0) return forced;
+  return dtype == at::kFloat ? 20 : 10;
 }
 int64_t warm_max_n() {
   static const int64_t value = env_int("NGCUDA_EIGH_WARM_MAX_N", 96);
   return value;
+}
+
+// Largest n for which a cold matrix goes to our Householder + QL solver (tridiagonal_eigh.h)
+// instead of LAPACK. Measured single-threaded against LAPACK in the same loop (K-FAC-like factors,
+// AMD EPYC Zen 5, best of 15): float32 1.7× faster at n = 32, 1.5× at 64, even at 96, 0.88× at 112;
+// float64 1.3× at 128, 1.1× at 160, even at 192, 0.95× at 256 (LAPACK's float64 is slower, ours
+// is float64 either way).
+int64_t tridiagonal_max_n(at::ScalarType dtype) {
+  static const int64_t forced = env_int("NGCUDA_EIGH_TRIDIAGONAL_MAX_N", -1);
+  if (forced >= 0) return forced;
+  return dtype == at::kFloat ? 96 : 176;
 }
 
 // Smallest n solved by LAPACK outside the parallel loop, one size at a time with LAPACK's own
@@ -151,7 +167,7 @@ bool all_finite(const T* x, int64_t count) {
 // Work items, run longest first from a shared counter so mixed sizes balance over the threads.
 
 struct Item {
-  enum Kind { kWarm, kColdJacobi, kLapack } kind;
+  enum Kind { kWarm, kColdJacobi, kTridiagonal, kLapack } kind;
   std::vector<int64_t> index;  // one matrix, or a stack of same-size matrices for LAPACK
   double cost;
 };
@@ -204,6 +220,28 @@ void lapack_items(const std::vector<at::Tensor>& a, const std::vector<int64_t>& 
   }
 }
 
+// Groups of up to tridiag::kGroup matrices, similar sizes together, at least two groups per thread,
+// and no more matrices per group than keep their eigenvector buffers (n² doubles each) within about
+// 256 KiB of L2.
+void tridiagonal_items(const std::vector<at::Tensor>& a, std::vector<int64_t> index,
+                       std::vector<Item>& items) {
+  const int64_t count = static_cast<int64_t>(index.size());
+  if (count == 0) return;
+  std::stable_sort(index.begin(), index.end(),
+                   [&](int64_t x, int64_t y) { return a[x].size(0) > a[y].size(0); });
+  const int64_t per_thread = 2 * at::get_num_threads();
+  const int64_t most = std::clamp<int64_t>((count + per_thread - 1) / per_thread, 1, tridiag::kGroup);
+  for (int64_t s = 0; s < count;) {
+    const int64_t n = a[index[s]].size(0);
+    const int64_t fit = std::clamp<int64_t>((int64_t{1} << 15) / (n * n), 1, most);
+    std::vector<int64_t> part(index.begin() + s, index.begin() + std::min(count, s + fit));
+    s += static_cast<int64_t>(part.size());
+    double cost = 0.0;
+    for (const int64_t i : part) cost += std::pow(static_cast<double>(a[i].size(0)), 3.0);
+    items.push_back({Item::kTridiagonal, std::move(part), cost});
+  }
+}
+
 template <typename T>
 struct Solver {
   const std::vector<at::Tensor>& a;     // contiguous inputs
@@ -230,6 +268,25 @@ struct Solver {
     jacobi::sorted_output(w.diag, w.vt, n, w.order.data(), values[i].data_ptr<T>(),
                           vectors[i].data_ptr<T>());
     status[i] = kOk;
+  }
+
+  void tridiagonal(const std::vector<int64_t>& index, int32_t ok_status) {
+    tridiag::Matrix<T> mats[tridiag::kGroup];
+    bool ok[tridiag::kGroup];
+    const int count = static_cast<int>(index.size());
+    for (int k = 0; k < count; ++k) {
+      const int64_t i = index[k];
+      mats[k] = {a[i].data_ptr<T>(), a[i].size(0), values[i].data_ptr<T>(),
+                 vectors[i].data_ptr<T>()};
+    }
+    tridiag::solve<T>(count, mats, ok);
+    for (int k = 0; k < count; ++k) {
+      if (ok[k]) {
+        status[index[k]] = ok_status;
+      } else {
+        lapack({index[k]}, ok_status);
+      }
+    }
   }
 
   // Marks the matrix kWarmFallback when the refinement hands it back; the caller solves those
@@ -271,8 +328,9 @@ struct Solver {
     }
   }
 
+  // Matrices solved cold by LAPACK or tridiag get cold_status.
   void run(const std::vector<Item>& items, int64_t nmax_jacobi, int64_t nmax_warm, bool parallel,
-           int32_t lapack_status) {
+           int32_t cold_status) {
     std::atomic<size_t> next{0};
     at::parallel_for(0, parallel ? at::get_num_threads() : 1, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -283,7 +341,8 @@ struct Solver {
           switch (item.kind) {
             case Item::kWarm: warm(item.index[0], *rw); break;
             case Item::kColdJacobi: cold_jacobi(item.index[0], w); break;
-            case Item::kLapack: lapack(item.index, lapack_status); break;
+            case Item::kTridiagonal: tridiagonal(item.index, cold_status); break;
+            case Item::kLapack: lapack(item.index, cold_status); break;
           }
         }
       }
@@ -336,19 +395,21 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
 
   // Plan: one item per warm or cold-Jacobi matrix, LAPACK matrices stacked by size.
   std::vector<Item> items;
-  std::vector<int64_t> cold;
+  std::vector<int64_t> cold, tridiagonal;
   std::map<int64_t, std::vector<int64_t>> large;  // n -> matrices, for threaded LAPACK
   int64_t nmax_jacobi = 0, nmax_warm = 0;
   for (const auto i : c10::irange(B)) {
     const int64_t n = a[i].size(0);
     if (n == 0) continue;
     const double cost = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
-    if (warm && n >= warm_min_n() && n <= warm_max_n()) {
+    if (warm && n >= warm_min_n(a[i].scalar_type()) && n <= warm_max_n()) {
       items.push_back({Item::kWarm, {i}, cost});
       nmax_warm = std::max(nmax_warm, n);
     } else if (n <= cold_jacobi_max_n()) {
       items.push_back({Item::kColdJacobi, {i}, cost});
       nmax_jacobi = std::max(nmax_jacobi, n);
+    } else if (n <= tridiagonal_max_n(a[i].scalar_type())) {
+      tridiagonal.push_back(i);
     } else if (n >= threaded_lapack_min_n()) {
       large[n].push_back(i);
     } else {
@@ -356,6 +417,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     }
   }
   lapack_items(a, cold, items);
+  tridiagonal_items(a, tridiagonal, items);
   const bool parallel = worth_parallel(items);
 
   // float32: 1e-5, the accuracy promised for float32 results, which the refinement can check on
@@ -366,7 +428,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
                             max_sweeps};
     solver.run(items, nmax_jacobi, nmax_warm, parallel, kOk);
     for (const auto& [n, members] : large) solver.lapack(members, kOk);
-    // Warm starts handed back: solve them cold, stacked like any cold batch.
+    // Warm starts handed back: solve them cold, grouped like any cold batch.
     std::vector<int64_t> fallback;
     const int32_t* st = status.data_ptr<int32_t>();
     for (const auto i : c10::irange(B)) {
@@ -374,7 +436,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     }
     if (!fallback.empty()) {
       std::vector<Item> retry;
-      lapack_items(a, fallback, retry);
+      std::vector<int64_t> by_lapack, by_tridiagonal;
+      for (const int64_t i : fallback) {
+        (a[i].size(0) <= tridiagonal_max_n(dtype) ? by_tridiagonal : by_lapack).push_back(i);
+      }
+      lapack_items(a, by_lapack, retry);
+      tridiagonal_items(a, by_tridiagonal, retry);
       solver.run(retry, 0, 0, worth_parallel(retry), kWarmFallback);
     }
   });
