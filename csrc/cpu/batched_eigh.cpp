@@ -6,7 +6,7 @@
 // cheaply: a basis that is far off) is solved cold afterwards and reported with status
 // kWarmFallback, so its result is as good as a cold one. Other sizes are solved cold.
 // Cold: tiny matrices (n ≤ 10) by a cyclic Jacobi in our own buffers, small ones (float32 n ≤ 96,
-// float64 n ≤ 176) by our Householder + QL (tridiagonal_eigh.h), a few matrices interleaved per
+// float64 n ≤ 256) by our Householder + QL (tridiagonal_eigh.h), a few matrices interleaved per
 // work item; larger ones by LAPACK (?syevd through at::linalg_eigh) on per-thread stacks of
 // same-size matrices, and n ≥ 768 by LAPACK with its own threads.
 // Only the lower triangle of each matrix is read, as in torch.linalg.eigh.
@@ -76,13 +76,13 @@ int64_t warm_max_n() {
 
 // Largest n for which a cold matrix goes to our Householder + QL solver (tridiagonal_eigh.h)
 // instead of LAPACK. Measured single-threaded against LAPACK in the same loop (K-FAC-like factors,
-// AMD EPYC Zen 5, best of 15): float32 1.7× faster at n = 32, 1.5× at 64, even at 96, 0.88× at 112;
-// float64 1.3× at 128, 1.1× at 160, even at 192, 0.95× at 256 (LAPACK's float64 is slower, ours
-// is float64 either way).
+// AMD EPYC Zen 5, best of 15, two runs each): float32 1.5× faster at n = 64, 1.0–1.1× at 96, even
+// at 112, 0.75–0.95× at 128; float64 1.3–1.4× at 128, 1.1–1.2× at 224, 1.06–1.1× at 256 (LAPACK's
+// float64 is slower, ours is float64 either way).
 int64_t tridiagonal_max_n(at::ScalarType dtype) {
   static const int64_t forced = env_int("NGCUDA_EIGH_TRIDIAGONAL_MAX_N", -1);
   if (forced >= 0) return forced;
-  return dtype == at::kFloat ? 96 : 176;
+  return dtype == at::kFloat ? 96 : 256;
 }
 
 // Smallest n solved by LAPACK outside the parallel loop, one size at a time with LAPACK's own

@@ -68,22 +68,43 @@ NGCUDA_ALWAYS_INLINE void tridiagonalize(double* NGCUDA_RESTRICT a, double* NGCU
 
     // Trailing block A22 ← H A22 H = A22 − v wᵀ − w vᵀ with p = τ A22 v, w = p − (τ/2)(pᵀv) v.
     double* a22 = a + (k + 1) * n + (k + 1);
+    // A22 v as a sum of rows (A22 is symmetric), two rows per pass over p: these passes are
+    // bound by loads and stores, not arithmetic.
     for (int64_t j = 0; j < m; ++j) p[j] = 0.0;
-    for (int64_t i = 0; i < m; ++i) {  // A22 v as a sum of rows: A22 is symmetric
-      const double* row = a22 + i * n;
-      const double vi = t * vk[i];
+    int64_t i = 0;
+    for (; i + 1 < m; i += 2) {
+      const double* r0 = a22 + i * n;
+      const double* r1 = r0 + n;
+      const double c0 = t * vk[i], c1 = t * vk[i + 1];
 #pragma GCC ivdep
-      for (int64_t j = 0; j < m; ++j) p[j] += vi * row[j];
+      for (int64_t j = 0; j < m; ++j) p[j] += c0 * r0[j] + c1 * r1[j];
+    }
+    if (i < m) {
+      const double* r0 = a22 + i * n;
+      const double c0 = t * vk[i];
+#pragma GCC ivdep
+      for (int64_t j = 0; j < m; ++j) p[j] += c0 * r0[j];
     }
     double pv = 0.0;
     for (int64_t j = 0; j < m; ++j) pv += p[j] * vk[j];
     const double half = 0.5 * t * pv;
     for (int64_t j = 0; j < m; ++j) p[j] -= half * vk[j];
-    for (int64_t i = 0; i < m; ++i) {
-      double* row = a22 + i * n;
-      const double vi = vk[i], wi = p[i];
+    for (i = 0; i + 1 < m; i += 2) {
+      double* r0 = a22 + i * n;
+      double* r1 = r0 + n;
+      const double v0 = vk[i], w0 = p[i], v1 = vk[i + 1], w1 = p[i + 1];
 #pragma GCC ivdep
-      for (int64_t j = 0; j < m; ++j) row[j] -= vi * p[j] + wi * vk[j];
+      for (int64_t j = 0; j < m; ++j) {
+        const double pj = p[j], vj = vk[j];
+        r0[j] -= v0 * pj + w0 * vj;
+        r1[j] -= v1 * pj + w1 * vj;
+      }
+    }
+    if (i < m) {
+      double* r0 = a22 + i * n;
+      const double v0 = vk[i], w0 = p[i];
+#pragma GCC ivdep
+      for (int64_t j = 0; j < m; ++j) r0[j] -= v0 * p[j] + w0 * vk[j];
     }
   }
   if (n >= 2) {
@@ -95,35 +116,74 @@ NGCUDA_ALWAYS_INLINE void tridiagonalize(double* NGCUDA_RESTRICT a, double* NGCU
 }
 
 // Forms Qᵀ into wt [n, n] from the reflectors: Q = H_0 (H_1 (⋯ H_{n−3})), built innermost first so
-// that each product only touches its trailing block, then transposed.
+// that each product only touches its trailing block, then transposed (its rows reversed when
+// `reversed`). Reflectors go two at a time: H_{k−1} H_k M = M − τ_k v_k u_kᵀ − τ_{k−1} v_{k−1} u_{k−1}ᵀ
+// with u_k = v_kᵀM and u_{k−1} = v_{k−1}ᵀM − τ_k (v_{k−1}ᵀv_k) u_k: one pass over M for both u and
+// one for the update, instead of two each. `u` is scratch of 3n.
 NGCUDA_ALWAYS_INLINE void form_qt(const double* NGCUDA_RESTRICT v, const double* NGCUDA_RESTRICT tau,
                                   double* NGCUDA_RESTRICT q, double* NGCUDA_RESTRICT u,
                                   double* NGCUDA_RESTRICT wt, int64_t n, bool reversed) {
   std::fill(q, q + n * n, 0.0);
   for (int64_t i = 0; i < n; ++i) q[i * n + i] = 1.0;
-  for (int64_t k = n - 3; k >= 0; --k) {
-    const double t = tau[k];
-    if (t == 0.0) continue;
-    const int64_t m = n - k - 1;
-    const double* vk = v + k * n + k + 1;
-    double* block = q + (k + 1) * n + (k + 1);
-    // H M = M − τ v (vᵀM) on the trailing block.
-    for (int64_t j = 0; j < m; ++j) u[j] = 0.0;
+  double* u1 = u;           // u_k
+  double* x1 = u + n;       // v_k in the frame of the pair's block (zero at 0)
+  double* u0 = u + 2 * n;   // u_{k−1}
+  int64_t k = n - 3;
+  for (; k >= 1; k -= 2) {
+    const int64_t m = n - k;  // the block [k:, k:] that H_{k−1} acts on
+    const double t1 = tau[k], t0 = tau[k - 1];
+    const double* v0 = v + (k - 1) * n + k;
+    x1[0] = 0.0;
+    for (int64_t j = 1; j < m; ++j) x1[j] = v[k * n + k + j];
+    double* block = q + k * n + k;
+    for (int64_t j = 0; j < m; ++j) u1[j] = u0[j] = 0.0;
+    for (int64_t i = 0; i < m; ++i) {
+      const double* row = block + i * n;
+      const double a1 = x1[i], a0 = v0[i];
+#pragma GCC ivdep
+      for (int64_t j = 0; j < m; ++j) {
+        u1[j] += a1 * row[j];
+        u0[j] += a0 * row[j];
+      }
+    }
+    double dot = 0.0;
+    for (int64_t j = 1; j < m; ++j) dot += v0[j] * x1[j];
+    for (int64_t j = 0; j < m; ++j) u0[j] -= t1 * dot * u1[j];
+    for (int64_t i = 0; i < m; ++i) {
+      double* row = block + i * n;
+      const double c1 = t1 * x1[i], c0 = t0 * v0[i];
+#pragma GCC ivdep
+      for (int64_t j = 0; j < m; ++j) row[j] -= c1 * u1[j] + c0 * u0[j];
+    }
+  }
+  if (k == 0 && tau[0] != 0.0) {  // H_0 alone, on the block [1:, 1:]
+    const int64_t m = n - 1;
+    const double t = tau[0];
+    const double* vk = v + 1;
+    double* block = q + n + 1;
+    for (int64_t j = 0; j < m; ++j) u1[j] = 0.0;
     for (int64_t i = 0; i < m; ++i) {
       const double* row = block + i * n;
       const double vi = vk[i];
 #pragma GCC ivdep
-      for (int64_t j = 0; j < m; ++j) u[j] += vi * row[j];
+      for (int64_t j = 0; j < m; ++j) u1[j] += vi * row[j];
     }
     for (int64_t i = 0; i < m; ++i) {
       double* row = block + i * n;
       const double tv = t * vk[i];
 #pragma GCC ivdep
-      for (int64_t j = 0; j < m; ++j) row[j] -= tv * u[j];
+      for (int64_t j = 0; j < m; ++j) row[j] -= tv * u1[j];
     }
   }
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < n; ++j) wt[(reversed ? n - 1 - j : j) * n + i] = q[i * n + j];
+  // In 8×8 tiles: a plain column-order write strides n doubles, and at n = 128 that alone took
+  // a fifth of this function.
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      for (int64_t j = j0; j < std::min(n, j0 + 8); ++j) {
+        double* out = wt + (reversed ? n - 1 - j : j) * n;
+        for (int64_t i = i0; i < std::min(n, i0 + 8); ++i) out[i] = q[i * n + j];
+      }
+    }
   }
 }
 
@@ -348,7 +408,8 @@ struct Buffers {
   void reserve(int64_t n) {
     if (static_cast<int64_t>(order.size()) >= n) return;
     for (auto* m : {&a, &v, &q, &wt}) m->resize(n * n);
-    for (auto* x : {&p, &d, &e, &tau, &rc, &rs}) x->resize(n);
+    for (auto* x : {&d, &e, &tau, &rc, &rs}) x->resize(n);
+    p.resize(3 * n);  // also form_qt's scratch
     order.resize(n);
   }
 };
