@@ -222,7 +222,8 @@ void lapack_items(const std::vector<at::Tensor>& a, const std::vector<int64_t>& 
 
 // Groups of up to tridiag::kGroup matrices, similar sizes together, at least two groups per thread,
 // and no more matrices per group than keep their eigenvector buffers (n² doubles each) within about
-// 256 KiB of L2.
+// 1 MiB (measured per matrix, single-threaded: four interleaved take 84 µs at n = 64 against 112
+// alone, 624 against 747 at n = 128, and make no difference at n = 256).
 void tridiagonal_items(const std::vector<at::Tensor>& a, std::vector<int64_t> index,
                        std::vector<Item>& items) {
   const int64_t count = static_cast<int64_t>(index.size());
@@ -233,7 +234,7 @@ void tridiagonal_items(const std::vector<at::Tensor>& a, std::vector<int64_t> in
   const int64_t most = std::clamp<int64_t>((count + per_thread - 1) / per_thread, 1, tridiag::kGroup);
   for (int64_t s = 0; s < count;) {
     const int64_t n = a[index[s]].size(0);
-    const int64_t fit = std::clamp<int64_t>((int64_t{1} << 15) / (n * n), 1, most);
+    const int64_t fit = std::clamp<int64_t>((int64_t{1} << 17) / (n * n), 1, most);
     std::vector<int64_t> part(index.begin() + s, index.begin() + std::min(count, s + fit));
     s += static_cast<int64_t>(part.size());
     double cost = 0.0;

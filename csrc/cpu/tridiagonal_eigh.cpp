@@ -313,8 +313,11 @@ struct ImplicitQl {
       i = l - 1;
       return true;
     }
-    s = f / r;
-    c = g / r;
+    // One division, not two: with several chains in flight the divider (which also takes the
+    // square root) is the busiest unit.
+    const double inv = 1.0 / r;
+    s = f * inv;
+    c = g * inv;
     g = d[i + 1] - p;
     r = (d[i] - g) * s + 2.0 * c * b;
     p = s * r;
