@@ -267,9 +267,9 @@ def batched_eigh(
             warm-started matrix (each is a simultaneous Jacobi step over all pairs, made of
             matrix products). 0 accepts a warm start only if it already passes the stop test.
 
-    Cold on the CPU: n ≤ 10 by cyclic Jacobi; float32 n ≤ 96 and float64 n ≤ 256 by our own
-    Householder tridiagonalisation and implicit QL in float64, a few matrices interleaved per
-    thread (faster than LAPACK at these sizes, measured); larger ones by LAPACK (?syevd), in
+    Cold on the CPU: float32 n ≤ 96 and float64 n ≤ 256 by our own Householder
+    tridiagonalisation and implicit QL in float64, a few matrices interleaved per thread (faster
+    than LAPACK at these sizes, measured); larger ones by LAPACK (?syevd), in
     parallel over the matrices, and n ≥ 768 with LAPACK's own threads. ``tol`` and
     ``max_sweeps`` do not affect cold solves.
 

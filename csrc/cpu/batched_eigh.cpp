@@ -5,10 +5,9 @@
 // matrix per thread. A matrix the refinement cannot finish within max_sweeps steps (or not
 // cheaply: a basis that is far off) is solved cold afterwards and reported with status
 // kWarmFallback, so its result is as good as a cold one. Other sizes are solved cold.
-// Cold: tiny matrices (n ≤ 10) by a cyclic Jacobi in our own buffers, small ones (float32 n ≤ 96,
-// float64 n ≤ 256) by our Householder + QL (tridiagonal_eigh.h), a few matrices interleaved per
-// work item; larger ones by LAPACK (?syevd through at::linalg_eigh) on per-thread stacks of
-// same-size matrices, and n ≥ 768 by LAPACK with its own threads.
+// Cold: float32 n ≤ 96 and float64 n ≤ 256 by our Householder + QL (tridiagonal_eigh.h), a few
+// matrices interleaved per work item; larger ones by LAPACK (?syevd through at::linalg_eigh) on
+// per-thread stacks of same-size matrices, and n ≥ 768 by LAPACK with its own threads.
 // Only the lower triangle of each matrix is read, as in torch.linalg.eigh.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,21 +24,11 @@
 #include <memory>
 #include <vector>
 
-#include "jacobi.h"
 #include "tridiagonal_eigh.h"
 #include "warm_refine.h"
 
-// The sweep gets AVX-512 / AVX2 clones picked at load time: setup.py compiles for baseline x86-64.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define NGCUDA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NGCUDA_CLONES
-#endif
-
 namespace ngcuda::cpu {
 namespace {
-
-using jacobi::Outcome;
 
 // kWarmFallback: the warm start did not converge within max_sweeps (or would not pay off), and
 // the matrix was solved cold instead; its result is valid.
@@ -50,13 +39,6 @@ int64_t env_int(const char* name, int64_t fallback) {
   return env ? std::atoll(env) : fallback;
 }
 
-// Largest n for which a cold matrix goes to Jacobi instead of LAPACK. Measured single-threaded
-// CPU time against the LAPACK path (batch 64, float32, AMD EPYC Zen 5, default tol): cold Jacobi
-// wins up to n ≈ 10.
-int64_t cold_jacobi_max_n() {
-  static const int64_t value = env_int("NGCUDA_EIGH_COLD_JACOBI_MAX_N", 10);
-  return value;
-}
 // The sizes whose warm starts are refined; the others are solved cold, their warm start unused.
 // Measured single-threaded CPU time of K-FAC-like factors after a 1e-3 drift against the cold path
 // (AMD EPYC Zen 5, best of 15). float32: against our Householder + QL, the refinement is even at
@@ -92,14 +74,6 @@ int64_t tridiagonal_max_n(at::ScalarType dtype) {
 int64_t threaded_lapack_min_n() {
   static const int64_t value = env_int("NGCUDA_EIGH_THREADED_LAPACK_MIN_N", 768);
   return value;
-}
-
-// Sweeps of a cold Jacobi before it hands the matrix to LAPACK; cyclic Jacobi needs ~6–10.
-constexpr int64_t kColdJacobiSweeps = 40;
-
-NGCUDA_CLONES Outcome jacobi_run(double* b, double* vt, int64_t n, double skip, double stop_sq,
-                                 int64_t max_sweeps) {
-  return jacobi::run<double>(b, vt, n, skip, stop_sq, max_sweeps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,40 +141,10 @@ bool all_finite(const T* x, int64_t count) {
 // Work items, run longest first from a shared counter so mixed sizes balance over the threads.
 
 struct Item {
-  enum Kind { kWarm, kColdJacobi, kTridiagonal, kLapack } kind;
+  enum Kind { kWarm, kTridiagonal, kLapack } kind;
   std::vector<int64_t> index;  // one matrix, or a stack of same-size matrices for LAPACK
   double cost;
 };
-
-// Per-thread float64 buffers for the largest cold-Jacobi matrix, allocated once per call.
-struct Workspace {
-  std::vector<double> buf;
-  std::vector<int64_t> order;
-  double *b, *vt, *diag;
-  explicit Workspace(int64_t nmax) : buf(2 * nmax * nmax + nmax), order(nmax) {
-    b = buf.data();
-    vt = b + nmax * nmax;
-    diag = vt + nmax * nmax;
-  }
-};
-
-// Full symmetric float64 copy of the lower triangle of a; returns its ‖·‖_F.
-template <typename T>
-double symmetric_from_lower(const T* a, double* sym, int64_t n) {
-  double norm_sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < i; ++j) {
-      const double v = static_cast<double>(a[i * n + j]);
-      sym[i * n + j] = v;
-      sym[j * n + i] = v;
-      norm_sq += 2.0 * v * v;
-    }
-    const double d = static_cast<double>(a[i * n + i]);
-    sym[i * n + i] = d;
-    norm_sq += d * d;
-  }
-  return std::sqrt(norm_sq);
-}
 
 // Groups matrices by size into about two stacks per thread, so LAPACK's per-call overhead is paid
 // a few times rather than once per matrix.
@@ -252,24 +196,6 @@ struct Solver {
   int32_t* status;
   double tol;
   int64_t max_sweeps;
-
-  void cold_jacobi(int64_t i, Workspace& w) {
-    const int64_t n = a[i].size(0);
-    const double norm = symmetric_from_lower(a[i].data_ptr<T>(), w.b, n);
-    std::fill(w.vt, w.vt + n * n, 0.0);
-    for (int64_t r = 0; r < n; ++r) w.vt[r * n + r] = 1.0;
-    const double stop = tol * norm;
-    const Outcome out = jacobi_run(w.b, w.vt, n, stop / static_cast<double>(n), stop * stop,
-                                   kColdJacobiSweeps);
-    if (!out.converged) {
-      lapack({i}, kOk);
-      return;
-    }
-    for (int64_t k = 0; k < n; ++k) w.diag[k] = w.b[k * n + k];
-    jacobi::sorted_output(w.diag, w.vt, n, w.order.data(), values[i].data_ptr<T>(),
-                          vectors[i].data_ptr<T>());
-    status[i] = kOk;
-  }
 
   void tridiagonal(const std::vector<int64_t>& index, int32_t ok_status) {
     tridiag::Matrix<T> mats[tridiag::kGroup];
@@ -330,18 +256,16 @@ struct Solver {
   }
 
   // Matrices solved cold by LAPACK or tridiag get cold_status.
-  void run(const std::vector<Item>& items, int64_t nmax_jacobi, int64_t nmax_warm, bool parallel,
+  void run(const std::vector<Item>& items, int64_t nmax_warm, bool parallel,
            int32_t cold_status) {
     std::atomic<size_t> next{0};
     at::parallel_for(0, parallel ? at::get_num_threads() : 1, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        Workspace w(nmax_jacobi);
         refine::Workspace* rw = nmax_warm > 0 ? &refine::Workspace::local(nmax_warm) : nullptr;
         for (size_t k = next++; k < items.size(); k = next++) {
           const Item& item = items[k];
           switch (item.kind) {
             case Item::kWarm: warm(item.index[0], *rw); break;
-            case Item::kColdJacobi: cold_jacobi(item.index[0], w); break;
             case Item::kTridiagonal: tridiagonal(item.index, cold_status); break;
             case Item::kLapack: lapack(item.index, cold_status); break;
           }
@@ -398,7 +322,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
   std::vector<Item> items;
   std::vector<int64_t> cold, tridiagonal;
   std::map<int64_t, std::vector<int64_t>> large;  // n -> matrices, for threaded LAPACK
-  int64_t nmax_jacobi = 0, nmax_warm = 0;
+  int64_t nmax_warm = 0;
   for (const auto i : c10::irange(B)) {
     const int64_t n = a[i].size(0);
     if (n == 0) continue;
@@ -406,9 +330,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     if (warm && n >= warm_min_n(a[i].scalar_type()) && n <= warm_max_n()) {
       items.push_back({Item::kWarm, {i}, cost});
       nmax_warm = std::max(nmax_warm, n);
-    } else if (n <= cold_jacobi_max_n()) {
-      items.push_back({Item::kColdJacobi, {i}, cost});
-      nmax_jacobi = std::max(nmax_jacobi, n);
     } else if (n <= tridiagonal_max_n(a[i].scalar_type())) {
       tridiagonal.push_back(i);
     } else if (n >= threaded_lapack_min_n()) {
@@ -427,7 +348,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
   AT_DISPATCH_FLOATING_TYPES(dtype, "ngcuda_batched_eigh", [&] {
     Solver<scalar_t> solver{a, prev, values, vectors, status.data_ptr<int32_t>(), tol_value,
                             max_sweeps};
-    solver.run(items, nmax_jacobi, nmax_warm, parallel, kOk);
+    solver.run(items, nmax_warm, parallel, kOk);
     for (const auto& [n, members] : large) solver.lapack(members, kOk);
     // Warm starts handed back: solve them cold, grouped like any cold batch.
     std::vector<int64_t> fallback;
@@ -443,7 +364,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
       }
       lapack_items(a, by_lapack, retry);
       tridiagonal_items(a, by_tridiagonal, retry);
-      solver.run(retry, 0, 0, worth_parallel(retry), kWarmFallback);
+      solver.run(retry, 0, worth_parallel(retry), kWarmFallback);
     }
   });
   return {values, vectors, status};
