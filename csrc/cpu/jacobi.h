@@ -1,4 +1,5 @@
-// Cyclic Jacobi eigensolver for one dense symmetric matrix, on buffers the caller owns.
+// Jacobi rotations on one dense symmetric matrix, on buffers the caller owns (the warm
+// refinement's cluster blocks), and the sorted output shared by the CPU eigensolvers.
 //
 // Layout: `b` is the full symmetric matrix, row-major [n, n]; `vt` holds the eigenvector
 // estimates as ROWS (Vᵀ, row-major), so a rotation of columns p, q of V updates two contiguous
@@ -21,28 +22,6 @@
 #endif
 
 namespace ngcuda::cpu::jacobi {
-
-struct Outcome {
-  bool converged;
-  int64_t sweeps;
-};
-
-// Σ_{i≠j} b_ij², accumulated in double so the stop test is not limited by float32 sums.
-template <typename T>
-NGCUDA_ALWAYS_INLINE double offdiag_sq(const T* NGCUDA_RESTRICT b, int64_t n) {
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const T* row = b + i * n;
-    // Subtracting b_ii² from the row sum would cancel catastrophically: skip it instead.
-    double s = 0.0;
-    for (int64_t j = 0; j < i; ++j) s += static_cast<double>(row[j]) * static_cast<double>(row[j]);
-    for (int64_t j = i + 1; j < n; ++j) {
-      s += static_cast<double>(row[j]) * static_cast<double>(row[j]);
-    }
-    total += s;
-  }
-  return total;
-}
 
 // (x, y) ← (c·x − s·y, s·x + c·y) elementwise over two rows of length n.
 template <typename T>
@@ -94,28 +73,6 @@ NGCUDA_ALWAYS_INLINE int64_t sweep_where(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRIC
     }
   }
   return applied;
-}
-
-// One cyclic-by-rows sweep. Rotations with |b_pq| ≤ skip are left out: once every off-diagonal
-// entry is below tol·‖A‖_F / n the off-diagonal norm is below tol·‖A‖_F, so skipping never
-// stalls convergence. Returns the number of rotations applied.
-template <typename T>
-NGCUDA_ALWAYS_INLINE int64_t sweep(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRICT vt, int64_t n, T skip) {
-  return sweep_where(b, vt, n, [skip](T apq, T, T) { return std::abs(apq) > skip; });
-}
-
-// Sweeps until ‖offdiag(b)‖_F² ≤ stop_sq or max_sweeps sweeps were run. The test runs before
-// every sweep and after the last one, so an already diagonal `b` costs no sweep and
-// max_sweeps = 0 only reports whether `b` was diagonal enough.
-template <typename T>
-NGCUDA_ALWAYS_INLINE Outcome run(T* NGCUDA_RESTRICT b, T* NGCUDA_RESTRICT vt, int64_t n, T skip,
-                                 double stop_sq, int64_t max_sweeps) {
-  for (int64_t s = 0;; ++s) {
-    if (offdiag_sq(b, n) <= stop_sq) return {true, s};
-    if (s == max_sweeps) return {false, s};
-    // A sweep that rotates nothing cannot change b; more sweeps would not either.
-    if (sweep(b, vt, n, skip) == 0) return {offdiag_sq(b, n) <= stop_sq, s + 1};
-  }
 }
 
 // Writes eigenvalues (the final diagonal `diag`) ascending and eigenvectors (rows of `vt`) as
