@@ -142,7 +142,7 @@ bool all_finite(const T* x, int64_t count) {
 
 struct Item {
   enum Kind { kWarm, kTridiagonal, kLapack } kind;
-  std::vector<int64_t> index;  // one matrix, or a stack of same-size matrices for LAPACK
+  std::vector<int64_t> index;  // one matrix, a group for tridiag, or a same-size stack for LAPACK
   double cost;
 };
 
@@ -182,9 +182,24 @@ void tridiagonal_items(const std::vector<at::Tensor>& a, std::vector<int64_t> in
     std::vector<int64_t> part(index.begin() + s, index.begin() + std::min(count, s + fit));
     s += static_cast<int64_t>(part.size());
     double cost = 0.0;
-    for (const int64_t i : part) cost += std::pow(static_cast<double>(a[i].size(0)), 3.0);
+    for (const int64_t i : part) {
+      const double m = static_cast<double>(a[i].size(0));
+      cost += m * m * m;
+    }
     items.push_back({Item::kTridiagonal, std::move(part), cost});
   }
+}
+
+// Cold work items: the sizes our solver takes in groups, the others in LAPACK stacks.
+void cold_items(const std::vector<at::Tensor>& a, const std::vector<int64_t>& index,
+                std::vector<Item>& items) {
+  std::vector<int64_t> by_lapack, by_tridiagonal;
+  for (const int64_t i : index) {
+    const bool ours = a[i].size(0) <= tridiagonal_max_n(a[i].scalar_type());
+    (ours ? by_tridiagonal : by_lapack).push_back(i);
+  }
+  lapack_items(a, by_lapack, items);
+  tridiagonal_items(a, by_tridiagonal, items);
 }
 
 template <typename T>
@@ -318,9 +333,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     vectors.push_back(at::empty({a[i].size(0), a[i].size(0)}, a[i].options()));
   }
 
-  // Plan: one item per warm or cold-Jacobi matrix, LAPACK matrices stacked by size.
+  // Plan: one item per warm matrix, cold ones grouped (cold_items), the large ones apart.
   std::vector<Item> items;
-  std::vector<int64_t> cold, tridiagonal;
+  std::vector<int64_t> cold;
   std::map<int64_t, std::vector<int64_t>> large;  // n -> matrices, for threaded LAPACK
   int64_t nmax_warm = 0;
   for (const auto i : c10::irange(B)) {
@@ -330,16 +345,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     if (warm && n >= warm_min_n(a[i].scalar_type()) && n <= warm_max_n()) {
       items.push_back({Item::kWarm, {i}, cost});
       nmax_warm = std::max(nmax_warm, n);
-    } else if (n <= tridiagonal_max_n(a[i].scalar_type())) {
-      tridiagonal.push_back(i);
-    } else if (n >= threaded_lapack_min_n()) {
+    } else if (n >= threaded_lapack_min_n() && n > tridiagonal_max_n(a[i].scalar_type())) {
       large[n].push_back(i);
     } else {
       cold.push_back(i);
     }
   }
-  lapack_items(a, cold, items);
-  tridiagonal_items(a, tridiagonal, items);
+  cold_items(a, cold, items);
   const bool parallel = worth_parallel(items);
 
   // float32: 1e-5, the accuracy promised for float32 results, which the refinement can check on
@@ -358,12 +370,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     }
     if (!fallback.empty()) {
       std::vector<Item> retry;
-      std::vector<int64_t> by_lapack, by_tridiagonal;
-      for (const int64_t i : fallback) {
-        (a[i].size(0) <= tridiagonal_max_n(dtype) ? by_tridiagonal : by_lapack).push_back(i);
-      }
-      lapack_items(a, by_lapack, retry);
-      tridiagonal_items(a, by_tridiagonal, retry);
+      cold_items(a, fallback, retry);
       solver.run(retry, 0, worth_parallel(retry), kWarmFallback);
     }
   });
