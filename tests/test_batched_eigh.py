@@ -528,6 +528,28 @@ def test_non_finite_matrix_names_its_index(bad):
         ops.batched_eigh([torch.eye(3), torch.eye(40), torch.eye(5)], prev)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_non_finite_check_names_the_first_of_many(threads):
+    # Enough matrices that the check is split over threads; the later bad matrix may be seen first.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        for first, second in [(3, 200), (150, 151), (0, 255), (255, 255)]:
+            mats = [torch.eye(24) for _ in range(256)]
+            prev = [torch.eye(24) for _ in range(256)]
+            for i in (first, second):
+                mats[i][int(torch.randint(24, (1,), generator=gen)), 0] = float("nan")
+                prev[i][0, int(torch.randint(24, (1,), generator=gen))] = float("inf")
+            with pytest.raises(ValueError, match=rf"matrices\[{first}\] holds NaN or Inf"):
+                ops.batched_eigh(mats)
+            clean = [torch.eye(24) for _ in range(256)]
+            with pytest.raises(ValueError, match=rf"prev_eigenvectors\[{first}\] holds NaN or Inf"):
+                ops.batched_eigh(clean, prev)
+    finally:
+        torch.set_num_threads(old)
+
+
 BAD_INPUTS = [
     ([torch.eye(3), torch.ones(3, 4)], None, {}, r"matrices\[1\] must be square"),
     ([torch.ones(3)], None, {}, r"matrices\[0\] must be 2-D"),

@@ -24,6 +24,7 @@
 #include <memory>
 #include <vector>
 
+#include "clones.h"
 #include "tridiagonal_eigh.h"
 #include "warm_refine.h"
 
@@ -123,7 +124,7 @@ void check_args(at::TensorList matrices, const c10::optional<at::TensorList>& pr
 }
 
 template <typename T>
-bool all_finite(const T* x, int64_t count) {
+NGCUDA_CLONES bool all_finite(const T* x, int64_t count) {
   // x·0 is NaN exactly for NaN and ±Inf; one test at the end keeps the loop branch-free, and 16
   // independent sums let it vectorise (a single float sum may not be reassociated).
   T acc[16] = {};
@@ -135,6 +136,25 @@ bool all_finite(const T* x, int64_t count) {
   T total = T(0);
   for (int j = 0; j < 16; ++j) total += acc[j];
   return total == T(0);
+}
+
+// Index of the first tensor in `t` holding NaN or Inf, or −1; checked in parallel over the list.
+template <typename T>
+int64_t first_non_finite(const std::vector<at::Tensor>& t) {
+  const int64_t count = static_cast<int64_t>(t.size());
+  if (count == 0) return -1;
+  std::atomic<int64_t> first{count};
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, t[0].numel()));
+  at::parallel_for(0, count, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e && i < first.load(); ++i) {
+      if (all_finite(t[i].data_ptr<T>(), t[i].numel())) continue;
+      int64_t seen = first.load();
+      while (i < seen && !first.compare_exchange_weak(seen, i)) {
+      }
+      return;
+    }
+  });
+  return first.load() == count ? -1 : first.load();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,14 +336,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
 
   const at::ScalarType dtype = matrices[0].scalar_type();
   AT_DISPATCH_FLOATING_TYPES(dtype, "ngcuda_batched_eigh_finite", [&] {
-    for (const auto i : c10::irange(B)) {
-      TORCH_CHECK_VALUE(all_finite(a[i].data_ptr<scalar_t>(), a[i].numel()),
-                        "ngcuda: batched_eigh: matrices[", i, "] holds NaN or Inf");
-    }
-    for (const auto i : c10::irange(warm ? B : 0)) {
-      TORCH_CHECK_VALUE(all_finite(prev[i].data_ptr<scalar_t>(), prev[i].numel()),
-                        "ngcuda: batched_eigh: prev_eigenvectors[", i, "] holds NaN or Inf");
-    }
+    const int64_t bad = first_non_finite<scalar_t>(a);
+    TORCH_CHECK_VALUE(bad < 0, "ngcuda: batched_eigh: matrices[", bad, "] holds NaN or Inf");
+    const int64_t bad_prev = first_non_finite<scalar_t>(prev);
+    TORCH_CHECK_VALUE(bad_prev < 0, "ngcuda: batched_eigh: prev_eigenvectors[", bad_prev,
+                      "] holds NaN or Inf");
   });
 
   values.reserve(B);

@@ -299,6 +299,11 @@ void xty(const double* x, const double* y, double* c, int64_t m, int64_t k, int6
   f64_kernel()(x, ld, y, ld, c, ld, m, m, k, accumulate, upper);
 }
 
+void xty(const float* x, int64_t ldx, const float* y, int64_t ldy, float* c, int64_t ldc,
+         int64_t m, int64_t cols, int64_t k) {
+  f32_kernel()(x, ldx, y, ldy, c, ldc, m, cols, k, false, false);
+}
+
 void xty(const double* x, int64_t ldx, const double* y, int64_t ldy, double* c, int64_t ldc,
          int64_t m, int64_t cols, int64_t k) {
   f64_kernel()(x, ldx, y, ldy, c, ldc, m, cols, k, false, false);

@@ -32,6 +32,8 @@ void xty(const double* x, const double* y, double* c, int64_t m, int64_t k, int6
 
 // Rectangular form with a leading dimension per buffer: C[0:m, 0:cols] = X[0:k, 0:m]ᵀ·Y[0:k, 0:cols],
 // m and cols multiples of kPad.
+void xty(const float* x, int64_t ldx, const float* y, int64_t ldy, float* c, int64_t ldc,
+         int64_t m, int64_t cols, int64_t k);
 void xty(const double* x, int64_t ldx, const double* y, int64_t ldy, double* c, int64_t ldc,
          int64_t m, int64_t cols, int64_t k);
 

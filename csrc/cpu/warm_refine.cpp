@@ -13,16 +13,11 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 
+#include "clones.h"
 #include "jacobi.h"
 #include "small_gemm.h"
-
-// Plain loops get AVX-512 / AVX2 clones picked at load time: setup.py compiles for baseline x86-64.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define NGCUDA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NGCUDA_CLONES
-#endif
 
 namespace ngcuda::cpu::refine {
 namespace {
@@ -310,10 +305,9 @@ NGCUDA_CLONES double rayleigh(const double* q, const double* w, int64_t n, int64
 
 
 // Full symmetric copy of the lower triangle of `a`, scaled by 2^-ilogb(‖A‖_F) (so to a norm in
-// [1, 2)), zero padded to [ld, ld]; returns ‖A‖_F.
-template <typename In>
-NGCUDA_CLONES double load_symmetric(const In* a, double* out, double* scratch, int64_t n,
-                                    int64_t ld) {
+// [1, 2)), zero padded to [ld, ld]; returns ‖A‖_F. The scaling is exact, so Out may be In.
+template <typename In, typename Out>
+NGCUDA_CLONES double load_symmetric(const In* a, Out* out, Out* scratch, int64_t n, int64_t ld) {
   double off = 0.0, diag = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const In* row = a + i * n;
@@ -327,11 +321,11 @@ NGCUDA_CLONES double load_symmetric(const In* a, double* out, double* scratch, i
   const double scale = norm > 0.0 ? std::ldexp(1.0, -std::ilogb(norm)) : 1.0;
   // The lower triangle, transposed into the upper one, then mirrored back.
   for (int64_t i = 0; i < n; ++i) {
-    double* row = scratch + i * ld;
-    for (int64_t j = 0; j <= i; ++j) row[j] = scale * static_cast<double>(a[i * n + j]);
-    std::fill(row + i + 1, row + ld, 0.0);
+    Out* row = scratch + i * ld;
+    for (int64_t j = 0; j <= i; ++j) row[j] = static_cast<Out>(scale * static_cast<double>(a[i * n + j]));
+    std::fill(row + i + 1, row + ld, Out(0));
   }
-  std::fill(scratch + n * ld, scratch + ld * ld, 0.0);
+  std::fill(scratch + n * ld, scratch + ld * ld, Out(0));
   transpose(scratch, out, ld);
   mirror_upper(out, ld);
   return norm;
@@ -358,14 +352,29 @@ int32_t find(std::vector<int32_t>& parent, int32_t x) {
   return x;
 }
 
+// V [k, kp] as T: itself for float64, a float32 copy in ws.vecs32 otherwise.
+template <typename T>
+const T* v_as(Workspace& ws, const double* v, int64_t count) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    if (static_cast<int64_t>(ws.vecs32.size()) < count) ws.vecs32.resize(count);
+    convert(v, ws.vecs32.data(), count);
+    return ws.vecs32.data();
+  }
+}
+
 // Rotates each cluster's block of S until no pair in it is too close for a first-order step, and
-// S, R and the rows of Qᵀ with it. Returns false when a block could not be solved.
+// S, R and the rows of Qᵀ with it. r_zero: R is zero (not measured this step) and stays so, which
+// skips its rotation. Returns false when a block could not be solved.
 template <typename T>
 bool solve_clusters(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double skip,
-                    int64_t count) {
-  double* rows = ws.rows.data();  // gathered rows [k, ld], then V·rows for S and R
-  double* rs = rows + ld * ld;
-  double* rr = rs + ld * ld;
+                    int64_t count, bool r_zero) {
+  // The rotations of S, R and Qᵀ by V are products in T: float32 ones suffice for the float32
+  // phase, whose S and R are measured afresh by the next step.
+  T* rows = reinterpret_cast<T*>(ws.rows.data());  // gathered rows [k, ld], then V·rows
+  T* rs = rows + ld * ld;
+  T* rr = rs + ld * ld;
   for (int64_t c = 0; c < count; ++c) {
     const int32_t* idx = ws.members.data() + ws.start[c];
     const int64_t k = ws.start[c + 1] - ws.start[c];
@@ -404,46 +413,57 @@ bool solve_clusters(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, doub
         return false;
       }
     }
+    const T* vt_ = v_as<T>(ws, v, k * kp);
     // out[a][:] = Σ_p V[p][a]·src[idx[p]][:], a small product.
-    auto combine = [&](const T* src, double* out) {
-      for (int64_t p = 0; p < k; ++p) convert(src + idx[p] * ld, rows + p * ld, ld);
-      gemm::xty(v, kp, rows, ld, out, ld, kp, ld, k);
+    auto combine = [&](const T* src, T* out) {
+      for (int64_t p = 0; p < k; ++p) std::memcpy(rows + p * ld, src + idx[p] * ld, sizeof(T) * ld);
+      gemm::xty(vt_, kp, rows, ld, out, ld, kp, ld, k);
+    };
+    const int32_t id = ws.cluster[idx[0]];
+    // Rows idx of src ← their rotation (from out) outside the block, mirrored into the columns.
+    auto scatter = [&](T* dst, const T* out) {
+      for (int64_t a = 0; a < k; ++a) {
+        const int64_t ia = idx[a];
+        for (int64_t j = 0; j < n; ++j) {
+          if (ws.cluster[j] == id) continue;
+          const T x = out[a * ld + j];
+          dst[ia * ld + j] = x;
+          dst[j * ld + ia] = x;
+        }
+      }
     };
     combine(m.s, rs);
-    combine(m.r, rr);
-    const int32_t id = ws.cluster[idx[0]];
-    for (int64_t a = 0; a < k; ++a) {
-      const int64_t ia = idx[a];
-      for (int64_t j = 0; j < n; ++j) {
-        if (ws.cluster[j] == id) continue;
-        const T s = static_cast<T>(rs[a * ld + j]), r = static_cast<T>(rr[a * ld + j]);
-        m.s[ia * ld + j] = s;
-        m.s[j * ld + ia] = s;
-        m.r[ia * ld + j] = r;
-        m.r[j * ld + ia] = r;
-      }
-    }
+    scatter(m.s, rs);
     // The diagonal block: S becomes VᵀS_CC V (what the rotations left in b), R becomes (VᵀR)V,
     // both kept exactly symmetric, as the step relies on.
-    double* g = rows;  // [k, kp]: g[p][a] = (VᵀR)[a][idx[p]]
-    double* rcc = rs;  // [kp, kp]
-    std::fill(g, g + k * kp, 0.0);
-    for (int64_t a = 0; a < k; ++a) {
-      for (int64_t p = 0; p < k; ++p) g[p * kp + a] = rr[a * ld + idx[p]];
-    }
-    gemm::xty(g, kp, v, kp, rcc, kp, kp, kp, k);
     for (int64_t a = 0; a < k; ++a) {
       for (int64_t c2 = a; c2 < k; ++c2) {
-        const T r = static_cast<T>(rcc[a * kp + c2]), s = static_cast<T>(b[a * k + c2]);
-        m.r[idx[a] * ld + idx[c2]] = r;
-        m.r[idx[c2] * ld + idx[a]] = r;
-        m.s[idx[a] * ld + idx[c2]] = s;
-        m.s[idx[c2] * ld + idx[a]] = s;
+        const T x = static_cast<T>(b[a * k + c2]);
+        m.s[idx[a] * ld + idx[c2]] = x;
+        m.s[idx[c2] * ld + idx[a]] = x;
+      }
+    }
+    if (!r_zero) {
+      combine(m.r, rr);
+      scatter(m.r, rr);
+      T* g = rows;  // [k, kp]: g[p][a] = (VᵀR)[a][idx[p]]
+      T* rcc = rs;  // [kp, kp]
+      std::fill(g, g + k * kp, T(0));
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t p = 0; p < k; ++p) g[p * kp + a] = rr[a * ld + idx[p]];
+      }
+      gemm::xty(g, kp, vt_, kp, rcc, kp, kp, kp, k);
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t c2 = a; c2 < k; ++c2) {
+          const T x = rcc[a * kp + c2];
+          m.r[idx[a] * ld + idx[c2]] = x;
+          m.r[idx[c2] * ld + idx[a]] = x;
+        }
       }
     }
     // Columns idx of Q, i.e. rows idx of Qᵀ, ← Q[:, idx]·V.
     combine(m.qt, rs);
-    for (int64_t a = 0; a < k; ++a) convert(rs + a * ld, m.qt + idx[a] * ld, ld);
+    for (int64_t a = 0; a < k; ++a) std::memcpy(m.qt + idx[a] * ld, rs + a * ld, sizeof(T) * ld);
   }
   return true;
 }
@@ -451,7 +471,8 @@ bool solve_clusters(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, doub
 // Groups the hard pairs into clusters (union–find, numbered by smallest member) and solves them.
 // Returns the number of clusters, or −1 to give up on the matrix.
 template <typename T>
-int64_t cluster_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double skip) {
+int64_t cluster_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double skip,
+                     bool r_zero) {
   int32_t* cluster = ws.cluster.data();
   std::fill(cluster, cluster + n, -1);
   if (ws.hard.empty()) return 0;
@@ -498,7 +519,7 @@ int64_t cluster_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, dou
     ws.vt.resize(square);
     ws.vecs.resize(square);
   }
-  return solve_clusters(ws, m, n, ld, skip, count) ? count : -1;
+  return solve_clusters(ws, m, n, ld, skip, count, r_zero) ? count : -1;
 }
 
 struct Step {
@@ -511,10 +532,11 @@ struct Step {
 // One refinement step on S and R from the products (scale: ‖A‖_F as scaled): clusters (rotating
 // B, R and the rows of Qᵀ),
 // then the update F in m.e: E, plus −KᵀK/2 when ‖K‖_F² > k2_min, that product formed in precision
-// U with the buffers k and k2. The caller applies Q ← Q(I + F).
+// U with the buffers k and k2. r_zero: R was not measured (m.r is zero). The caller applies
+// Q ← Q(I + F).
 template <typename T, typename U>
 Step plan_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double scale, double skip,
-               double k2_min, U* k, U* k2) {
+               double k2_min, bool r_zero, U* k, U* k2) {
   Step step{false, 0, 0.0, false};
   transpose(m.q, m.qt, ld);
   T* lam = reinterpret_cast<T*>(ws.lam_t.data());
@@ -535,7 +557,7 @@ Step plan_step(Workspace& ws, const Mats<T>& m, int64_t n, int64_t ld, double sc
     ws.hard.clear();
     scan_hard<T>(m.s, lam, n, ld, static_cast<T>(skip), static_cast<T>(kClusterAngle),
                  static_cast<T>(gap_floor), ws.hard);
-    step.clusters = cluster_step(ws, m, n, ld, skip);
+    step.clusters = cluster_step(ws, m, n, ld, skip, r_zero);
     if (step.clusters < 0) {
       step.give_up = true;
       return step;
@@ -667,8 +689,14 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
   const Mats<double>& hi = ws.f64;
   // A is scaled by a power of two near 1/‖A‖_F: exact, so a float32 input stays exact in lo.a,
   // and float32 products stay clear of overflow and denormals. Tolerances become absolute.
-  const double norm = load_symmetric(a, hi.a, hi.w, n, ld);
-  convert(hi.a, lo.a, nn);
+  // A float32 input is loaded in float32 (exactly) and widened only if the float64 phase runs.
+  double norm;
+  if constexpr (std::is_same_v<T, float>) {
+    norm = load_symmetric(a, lo.a, lo.w, n, ld);
+  } else {
+    norm = load_symmetric(a, hi.a, hi.w, n, ld);
+    convert(hi.a, lo.a, nn);
+  }
   load_square(prev, lo.q, n, ld);
   const double scaled_norm = norm > 0.0 ? norm * std::ldexp(1.0, -std::ilogb(norm)) : 0.0;
   const double unscale = norm > 0.0 ? std::ldexp(1.0, std::ilogb(norm)) : 1.0;
@@ -732,7 +760,7 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
     }
     if (off <= skip_lo || off > 0.5 * last_off) break;  // at float32 noise, or no longer gaining
     last_off = off;
-    const Step st = plan_step(ws, lo, n, ld, scaled_norm, skip_lo, 1e-6, lo.w, lo.s);
+    const Step st = plan_step(ws, lo, n, ld, scaled_norm, skip_lo, 1e-6, !with_r, lo.w, lo.s);
     if (st.give_up) return result;
     update_from_qt(lo, n, ld);
     ++steps;
@@ -744,6 +772,7 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
   // float64 phase. The stop test is the residual ‖AQ − QΛ‖_F (Λ the Rayleigh quotients), which
   // for an orthonormal Q equals ‖offdiag(QᵀAQ)‖_F, and ‖QᵀQ − I‖_F: measured from the products
   // at first, afterwards bounded from the step (so a converged matrix costs one product, AQ).
+  if constexpr (std::is_same_v<T, float>) convert(lo.a, hi.a, nn);
   if (result.low_steps > 0) {
     convert(lo.q, hi.q, nn);
   } else {
@@ -774,8 +803,8 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
     if (steps >= options.max_steps || !(defect <= 0.9 * last_defect)) return result;
     last_defect = defect;
     const Step st =
-        low_ok ? plan_step(ws, hi, n, ld, scaled_norm, skip_hi, 0.1 * orth_tol, lo.w, lo.s)
-               : plan_step(ws, hi, n, ld, scaled_norm, skip_hi, 0.1 * orth_tol, hi.w, hi.s);
+        low_ok ? plan_step(ws, hi, n, ld, scaled_norm, skip_hi, 0.1 * orth_tol, false, lo.w, lo.s)
+               : plan_step(ws, hi, n, ld, scaled_norm, skip_hi, 0.1 * orth_tol, false, hi.w, hi.s);
     if (st.give_up) return result;
     ++steps;
     ++result.high_steps;

@@ -77,6 +77,7 @@ class Workspace {
   std::vector<int32_t> cluster, parent, members, start;
   std::vector<std::pair<int32_t, int32_t>> hard;
   std::vector<double> block, vt, vecs;
+  std::vector<float> vecs32;
   std::vector<int64_t> order;
 
  private:
