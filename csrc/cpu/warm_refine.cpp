@@ -58,6 +58,10 @@ constexpr int64_t kLowMaxSteps = 8;
 // the result was at most 4e-6 over the benchmark's batch, the orthogonality 4e-6.
 constexpr double kLowMargin = 2.0;
 constexpr double kLowFinishOrth = 1e-5;
+// The finish is tested on the residual before S is formed when the last ‖offdiag(S)‖_F was
+// within this factor of its bound (benchmark, n = 64, drift 1e-3: 1.3e-5 against 4e-6 before
+// the step that finishes, 7e-4 before the one that does not).
+constexpr double kResidualFirst = 32.0;
 // float32 products of QᵀAQ carry noise of a few ε32·‖A‖_F; entries below this are left to the
 // float64 phase (chasing them in float32 rotates by noise).
 constexpr double kLowNoise = 2.0 * 5.9604644775390625e-8;
@@ -128,36 +132,51 @@ NGCUDA_CLONES bool settle_block(double* b, double* vt, int64_t k, double skip, b
 // (a plain floating-point sum may not be reordered, and a loop containing one stays scalar).
 // setup.py compiles with -fopenmp; without it the pragmas are ignored and the loops run scalar.
 
-// Turns the upper triangle of G = QᵀQ into R = I − G, mirrors S and R, and measures both.
+// Mirrors the upper triangle of S and returns Σ_{i≠j} S_ij².
 template <typename T>
-NGCUDA_CLONES Measure finish_products(T* s, T* r, int64_t n, int64_t ld) {
-  double off_sq = 0.0, r_sq = 0.0;
+NGCUDA_CLONES double finish_s(T* s, int64_t n, int64_t ld) {
+  double off_sq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    T* si = s + i * ld;
-    T* ri = r + i * ld;
+    const T* si = s + i * ld;
     // The strictly upper part of the row: the rest of its 16-chunk, then whole chunks.
     const int64_t c1 = i / 16 * 16 + 16;
-    T off = T(0), rr = T(0);
-    for (int64_t j = i + 1; j < c1; ++j) {
-      const T v = -ri[j];
-      ri[j] = v;
-      off += si[j] * si[j];
-      rr += v * v;
-    }
-#pragma omp simd reduction(+ : off, rr)
-    for (int64_t j = c1; j < ld; ++j) {
-      const T v = -ri[j];
-      ri[j] = v;
-      off += si[j] * si[j];
-      rr += v * v;
-    }
-    ri[i] = T(1) - ri[i];
+    T off = T(0);
+    for (int64_t j = i + 1; j < c1; ++j) off += si[j] * si[j];
+#pragma omp simd reduction(+ : off)
+    for (int64_t j = c1; j < ld; ++j) off += si[j] * si[j];
     off_sq += 2.0 * static_cast<double>(off);
-    r_sq += 2.0 * static_cast<double>(rr) + static_cast<double>(ri[i]) * static_cast<double>(ri[i]);
   }
   mirror_upper(s, ld);
+  return off_sq;
+}
+
+// Turns the upper triangle of G = QᵀQ into R = I − G, mirrors it, and returns ‖R‖_F².
+template <typename T>
+NGCUDA_CLONES double finish_r(T* r, int64_t n, int64_t ld) {
+  double r_sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    T* ri = r + i * ld;
+    const int64_t c1 = i / 16 * 16 + 16;
+    T rr = T(0);
+    for (int64_t j = i + 1; j < c1; ++j) {
+      ri[j] = -ri[j];
+      rr += ri[j] * ri[j];
+    }
+#pragma omp simd reduction(+ : rr)
+    for (int64_t j = c1; j < ld; ++j) {
+      ri[j] = -ri[j];
+      rr += ri[j] * ri[j];
+    }
+    ri[i] = T(1) - ri[i];
+    r_sq += 2.0 * static_cast<double>(rr) + static_cast<double>(ri[i]) * static_cast<double>(ri[i]);
+  }
   mirror_upper(r, ld);
-  return {off_sq, r_sq};
+  return r_sq;
+}
+
+template <typename T>
+Measure finish_products(T* s, T* r, int64_t n, int64_t ld) {
+  return {finish_s(s, n, ld), finish_r(r, n, ld)};
 }
 
 
@@ -300,6 +319,34 @@ NGCUDA_CLONES double rayleigh(const double* q, const double* w, int64_t n, int64
     }
     res_sq += acc;
   }
+  return res_sq;
+}
+
+// rayleigh for float32 Q and W in one pass: with λ_j = q_jᵀw_j / q_jᵀq_j,
+// ‖w_j − λ_j q_j‖² = ‖w_j‖² − (q_jᵀw_j)² / q_jᵀq_j. The sums of float32 products are exact to
+// about ε64 in float64, so the cancellation costs ~n·ε64·‖A‖², far below the (n·ε32·‖A‖)² that a
+// float32 residual is ever compared with. `ww` is scratch of ld entries as well.
+NGCUDA_CLONES double rayleigh_f32(const float* q, const float* w, int64_t n, int64_t ld,
+                                  double* lam, double* num, double* den, double* ww) {
+  std::fill(num, num + ld, 0.0);
+  std::fill(den, den + ld, 0.0);
+  std::fill(ww, ww + ld, 0.0);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* qr = q + r * ld;
+    const float* wr = w + r * ld;
+    for (int64_t j = 0; j < ld; ++j) {
+      const double qj = static_cast<double>(qr[j]), wj = static_cast<double>(wr[j]);
+      num[j] += qj * wj;
+      den[j] += qj * qj;
+      ww[j] += wj * wj;
+    }
+  }
+  double res_sq = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    lam[j] = num[j] / den[j];
+    res_sq += std::max(0.0, ww[j] - num[j] * lam[j]);
+  }
+  for (int64_t j = n; j < ld; ++j) lam[j] = 0.0;
   return res_sq;
 }
 
@@ -660,13 +707,12 @@ void Workspace::reserve(int64_t nmax) {
   f64 = {d, d + nn, d + 2 * nn, d + 3 * nn, d + 4 * nn, d + 5 * nn, d + 6 * nn};
   lam.resize(ld);
   lam_t.resize(ld);
-  group_t.resize(ld);
   num.resize(ld);
   den.resize(ld);
   cluster.resize(ld);
   parent.resize(ld);
   members.resize(ld);
-  eig.resize(ld);
+  ww.resize(ld);
   rows.resize(3 * nn);
   order.resize(ld);
 }
@@ -740,7 +786,34 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
     // measured (next step, or the float64 phase) still shows a start far from orthonormal. Only
     // a start that may already pass the float32 finish gets its R (and S again) at once.
     bool with_r = k > 0;
-    Measure ms = products(lo, n, ld, with_r);
+    // Only once the last S was near the finish: further off, the step that follows cuts the
+    // error by much less than would be needed, and the residual would be computed for nothing.
+    const bool residual_first = with_r && low_finish && last_off <= kResidualFirst * low_finish_off;
+    Measure ms;
+    if (residual_first) {
+      // R and the residual first: a matrix that passes the float32 finish needs no S = QᵀW.
+      // Its stop test is the residual itself, ‖W − QΛ‖_F with Λ the Rayleigh quotients, which
+      // for a nearly orthonormal Q equals ‖offdiag(QᵀAQ)‖_F and carries the same rounding.
+      gemm::xty(lo.q, lo.q, lo.r, ld, n, ld, false, true);
+      gemm::xty(lo.a, lo.q, lo.w, ld, n, ld, false, false);
+      ms.r_sq = finish_r(lo.r, n, ld);
+      if (!checked && !check_prev(std::sqrt(ms.r_sq))) {
+        result.outcome = Outcome::kNotOrthonormal;
+        return result;
+      }
+      double* lam = ws.lam.data();
+      const double res = std::sqrt(
+          rayleigh_f32(lo.q, lo.w, n, ld, lam, ws.num.data(), ws.den.data(), ws.ww.data()));
+      if (res <= low_finish_off && std::sqrt(ms.r_sq) + low_margin <= 0.5 * kLowFinishOrth) {
+        sorted_output(lam, lo.q, n, ld, unscale, ws.order.data(), values, vectors);
+        result.outcome = Outcome::kConverged;
+        return result;
+      }
+      gemm::xty(lo.q, lo.w, lo.s, ld, n, ld, false, true);
+      ms.off_sq = finish_s(lo.s, n, ld);
+    } else {
+      ms = products(lo, n, ld, with_r);
+    }
     const double off = std::sqrt(ms.off_sq);
     if (!with_r && low_finish && off <= low_finish_off) {
       // S stands (finish_products only mirrors it again); R = I − QᵀQ is all that is missing.
@@ -752,7 +825,7 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
       result.outcome = Outcome::kNotOrthonormal;
       return result;
     }
-    if (low_finish && with_r && off <= low_finish_off &&
+    if (low_finish && with_r && !residual_first && off <= low_finish_off &&
         std::sqrt(ms.r_sq) + low_margin <= 0.5 * kLowFinishOrth) {
       write_sorted(lo, n, ld, unscale, ws, values, vectors);
       result.outcome = Outcome::kConverged;

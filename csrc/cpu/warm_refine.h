@@ -23,7 +23,9 @@
 //   ‖offdiag(QᵀAQ)‖_F ≤ tol·‖A‖_F   and   ‖QᵀQ − I‖_F ≤ orth_tol.
 // A float32 result under a tol well above float32's own rounding of these measures (n·ε32, the
 // CPU default 1e-5 up to n = 80) is instead finished in float32, where both measures plus their
-// rounding pass half of their bounds: no float64 product at all.
+// rounding pass half of their bounds: no float64 product at all. Near the end that test runs on
+// the residual ‖AQ − QΛ‖_F (equal to the first measure for an orthonormal Q) before S is formed,
+// so the step that passes it costs two products, QᵀQ and AQ.
 // A matrix that does not get there (iteration limit, no progress, a cluster too large to pay off)
 // is handed back to the caller, which solves it cold.
 #pragma once
@@ -73,7 +75,7 @@ class Workspace {
 
   Mats<float> f32;
   Mats<double> f64;
-  std::vector<double> lam, lam_t, group_t, num, den, eig, rows;
+  std::vector<double> lam, lam_t, num, den, ww, rows;
   std::vector<int32_t> cluster, parent, members, start;
   std::vector<std::pair<int32_t, int32_t>> hard;
   std::vector<double> block, vt, vecs;
