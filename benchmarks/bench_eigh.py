@@ -19,10 +19,11 @@ Methods, on the same matrices, timed round-robin:
 
 Throughput is quoted at a nominal 9n³ flops per decomposition (tridiagonal reduction, its
 back-transformation and the QR iteration on the vectors; Golub & Van Loan), so it can be read
-against the matmul ceiling. The CPU kernel refines float32 warm starts for 20 ≤ n ≤ 96 (float64:
+against the matmul ceiling. The CPU kernel refines float32 warm starts for 20 ≤ n ≤ 192 (float64:
 10 ≤ n ≤ 96) and solves other sizes cold, where that measured faster (NGCUDA_EIGH_WARM_MIN_N /
-NGCUDA_EIGH_WARM_MAX_N move the range); a warm start it hands to the cold solver is reported as
-EighStatus.WARM_FALLBACK. Cold, float32 n ≤ 96 and float64 n ≤ 256 go to its own Householder + QL
+NGCUDA_EIGH_WARM_MAX_N move the range), as well as starts off by more than 3e-3·‖A‖_F (about a
+4e-3 drift here; NGCUDA_EIGH_WARM_MAX_START_OFF); a warm start it hands to the cold solver is
+reported as EighStatus.WARM_FALLBACK. Cold, float32 n ≤ 96 and float64 n ≤ 256 go to its own Householder + QL
 solver (NGCUDA_EIGH_TRIDIAGONAL_MAX_N moves the limit), larger ones to LAPACK.
 """
 from __future__ import annotations

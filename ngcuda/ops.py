@@ -273,7 +273,7 @@ def batched_eigh(
     parallel over the matrices, and n ≥ 768 with LAPACK's own threads. ``tol`` and
     ``max_sweeps`` do not affect cold solves.
 
-    Warm starts on the CPU (float32 20 ≤ n ≤ 96, where they beat the cold path, 1.5× at n = 64
+    Warm starts on the CPU (float32 20 ≤ n ≤ 192, where they beat the cold path, 1.5× at n = 64
     after a 1e-3 drift; float64 10 ≤ n ≤ 96, where the cold path is as fast or faster unless the
     start is nearly exact, measured): the previous eigenvectors are refined by iterative
     refinement (Ogita & Aishima 2018: S = QᵀAQ, R = I − QᵀQ, a first-order correction of every
@@ -282,9 +282,11 @@ def batched_eigh(
     requires ‖QᵀQ − I‖_F ≤ tol/2 within [1e-6, 5e-6] (float32) or about 1e2·n·ε (float64). A
     float32 matrix with n·ε32 + 2√n·ε32 ≤ tol/2 (n ≤ 80 at the default 1e-5) may finish from its
     float32 products, when the residual and ‖QᵀQ − I‖_F measured there, plus their own rounding
-    (2√n·ε32), are within half of tol and of 1e-5. A matrix that does not pass
-    it within ``max_sweeps`` steps, stops improving, or starts too far off (a quarter of its pairs
-    badly coupled) is solved cold and reported as ``EighStatus.WARM_FALLBACK``. Other
+    (2√n·ε32), are within half of tol and of 1e-5. A matrix whose start is off by more than
+    3e-3·‖A‖_F (‖offdiag(QᵀAQ)‖_F; about a 4e-3 relative change of a K-FAC factor, where the cold
+    path becomes the faster one; ``NGCUDA_EIGH_WARM_MAX_START_OFF`` moves it), that does not pass
+    the stop test within ``max_sweeps`` steps, stops improving, or has a quarter of its pairs
+    badly coupled is solved cold and reported as ``EighStatus.WARM_FALLBACK``. Other
     sizes are solved cold, their warm start unused. On CUDA, the shared-memory Jacobi finishes
     warm starts for n ≤ 119 (H100; 101 on A100) after rotating into QᵀAQ, larger ones go to
     cuSOLVER; ``prev_eigenvectors``, ``tol`` and ``max_sweeps`` only affect the Jacobi sizes.

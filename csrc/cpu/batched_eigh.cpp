@@ -40,20 +40,38 @@ int64_t env_int(const char* name, int64_t fallback) {
   return env ? std::atoll(env) : fallback;
 }
 
+double env_double(const char* name, double fallback) {
+  const char* env = std::getenv(name);
+  return env ? std::atof(env) : fallback;
+}
+
 // The sizes whose warm starts are refined; the others are solved cold, their warm start unused.
-// Measured single-threaded CPU time of K-FAC-like factors after a 1e-3 drift against the cold path
-// (AMD EPYC Zen 5, best of 15). float32: against our Householder + QL, the refinement is even at
-// n ≈ 20, 1.3× faster at 32, 1.5× at 64 and 96; against LAPACK 0.7× at 128. float64: the cold
-// solver is faster at this drift (1.4× at n = 64), even at a 1e-5 drift, and slower only for
-// nearly exact starts (1.5× at a 1e-8 drift), so the range is kept. The refinement keeps about
-// 110·n² bytes of buffers per thread (1 MiB at n = 96).
+// Measured with `python -m benchmarks eigh` (2 threads, 64 K-FAC-like factors, 35 at n = 192,
+// after a 1e-3 drift; AMD EPYC Zen 5), warm/cold time in float32: 1.13 at n = 20, 1.05 at 24
+// (left in the range: such layers are rare), 0.84 at 28, 0.77 at 32, 0.67 at 48 to 96 (cold: our
+// Householder + QL), 0.62 at 128, 0.76 at 160, 0.70 at 192 (cold: LAPACK), 1.3 at 224 and 1.4 at
+// 256; after a 1e-4 drift 0.6 at 128 to 224; a 1e-2 drift is over warm_max_start_off. float64:
+// the cold solver is faster unless the start is nearly exact (warm/cold 0.8–0.9 at n = 32 to 96
+// after a 1e-8 drift, 1.0–1.1 after 1e-7 to 1e-5, 1.2–1.7 at n = 16), so the range is kept. The
+// refinement keeps about 110·n² bytes of buffers per thread (4 MiB at n = 192).
 int64_t warm_min_n(at::ScalarType dtype) {
   static const int64_t forced = env_int("NGCUDA_EIGH_WARM_MIN_N", -1);
   if (forced >= 0) return forced;
   return dtype == at::kFloat ? 20 : 10;
 }
-int64_t warm_max_n() {
-  static const int64_t value = env_int("NGCUDA_EIGH_WARM_MAX_N", 96);
+int64_t warm_max_n(at::ScalarType dtype) {
+  static const int64_t forced = env_int("NGCUDA_EIGH_WARM_MAX_N", -1);
+  if (forced >= 0) return forced;
+  return dtype == at::kFloat ? 192 : 96;
+}
+
+// A warm start whose ‖offdiag(QᵀAQ)‖_F exceeds this fraction of ‖A‖_F is solved cold at once
+// (status kWarmFallback): the cold solve is then faster. Measured single-threaded, K-FAC-like
+// float32 factors of n = 32 to 128, AMD EPYC Zen 5: warm/cold time 0.6–0.9 at starts off by 7e-4
+// to 2e-3, 0.8–1.0 at 3.5e-3, 1.3 at 7e-3 (a 1e-2 drift of the benchmark); handing such a start
+// back after a failed refinement would cost both.
+double warm_max_start_off() {
+  static const double value = env_double("NGCUDA_EIGH_WARM_MAX_START_OFF", 3e-3);
   return value;
 }
 
@@ -257,7 +275,7 @@ struct Solver {
     const int64_t n = a[i].size(0);
     const refine::Result r =
         refine::solve<T>(a[i].data_ptr<T>(), prev[i].data_ptr<T>(), n, values[i].data_ptr<T>(),
-                         vectors[i].data_ptr<T>(), {tol, max_sweeps}, w);
+                         vectors[i].data_ptr<T>(), {tol, max_sweeps, warm_max_start_off()}, w);
     TORCH_CHECK(r.outcome != refine::Outcome::kNotOrthonormal,
                 "ngcuda: batched_eigh: prev_eigenvectors[", i, "] is not orthonormal: ‖QᵀQ − I‖_F = ",
                 r.prev_orth_error, " (a warm start must be the eigenvectors of a nearby matrix)");
@@ -359,7 +377,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     const int64_t n = a[i].size(0);
     if (n == 0) continue;
     const double cost = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
-    if (warm && n >= warm_min_n(a[i].scalar_type()) && n <= warm_max_n()) {
+    if (warm && n >= warm_min_n(a[i].scalar_type()) && n <= warm_max_n(a[i].scalar_type())) {
       items.push_back({Item::kWarm, {i}, cost});
       nmax_warm = std::max(nmax_warm, n);
     } else if (n >= threaded_lapack_min_n() && n > tridiagonal_max_n(a[i].scalar_type())) {

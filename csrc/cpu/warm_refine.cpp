@@ -815,6 +815,12 @@ Result solve(const T* a, const T* prev, int64_t n, T* values, T* vectors, const 
       ms = products(lo, n, ld, with_r);
     }
     const double off = std::sqrt(ms.off_sq);
+    if (k == 0 && off > options.max_start_off * scaled_norm) {
+      // Too far off to pay: solved cold instead, unless the start is a caller error.
+      gemm::xty(lo.q, lo.q, lo.r, ld, n, ld, false, true);
+      if (!check_prev(std::sqrt(finish_r(lo.r, n, ld)))) result.outcome = Outcome::kNotOrthonormal;
+      return result;
+    }
     if (!with_r && low_finish && off <= low_finish_off) {
       // S stands (finish_products only mirrors it again); R = I − QᵀQ is all that is missing.
       gemm::xty(lo.q, lo.q, lo.r, ld, n, ld, false, true);

@@ -38,8 +38,9 @@
 namespace ngcuda::cpu::refine {
 
 struct Options {
-  double tol;         // relative off-diagonal Frobenius norm at which a matrix is done
-  int64_t max_steps;  // refinement steps (updates of Q) allowed per matrix
+  double tol;            // relative off-diagonal Frobenius norm at which a matrix is done
+  int64_t max_steps;     // refinement steps (updates of Q) allowed per matrix
+  double max_start_off;  // a start with ‖offdiag(QᵀAQ)‖_F above this·‖A‖_F is handed back
 };
 
 enum class Outcome {
