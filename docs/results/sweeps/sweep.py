@@ -81,6 +81,15 @@ def configs(stage: str) -> list[dict]:
                 for g in ((1.0, 3.0) if k == 0 else (1.0,)):
                     out.append(dict(optimizer=name, input_dropout=False, pseudo_label_gamma=g, **st))
             out.append(dict(optimizer=name, input_dropout=True, pseudo_label_gamma=1.0, **settings[0]))
+    elif stage in ("citeseer-a", "citeseer-b"):
+        # CiteSeer's own pseudo-label weight and Adam-KFAC damping (Izadi et al. tuned both per
+        # dataset), with Adam alongside on the same seeds; two halves, to run side by side.
+        for g in (1.0, 2.0, 3.0, 5.0, 8.0):
+            if stage == "citeseer-a":
+                out.append(dict(optimizer="adam", input_dropout=False, pseudo_label_gamma=g))
+            out.append(dict(optimizer="kfac-adam", input_dropout=False, pseudo_label_gamma=g,
+                            damping=1.0 if stage == "citeseer-a" else 0.1, fisher_type="empirical",
+                            kl_clip=0.0, **IZADI))
     else:
         raise SystemExit(f"unknown stage {stage!r}")
     return out
