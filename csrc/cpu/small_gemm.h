@@ -2,9 +2,9 @@
 // hundred).
 //
 // At these sizes a dispatched at::mm costs more in overhead than the arithmetic (and MKL runs a
-// slow path on some AMD parts: about 10 GFLOP/s in float64 at n = 64, where a register-blocked
-// loop reaches 80), so the warm path keeps every matrix in buffers of its own and multiplies them
-// here.
+// slow path on some AMD parts: about 10 GFLOP/s in float64 at n = 64, where the register-blocked
+// kernel here reaches 109), so the warm path keeps every matrix in buffers of its own and
+// multiplies them here.
 //
 // One shape only: C = XᵀY (or C += XᵀY), all buffers row-major with the same leading dimension
 // `ld`, a multiple of kPad. Xᵀ is read as rows of X, so the kernel broadcasts contiguous
