@@ -597,6 +597,9 @@ BAD_INPUTS = [
      r"prev_eigenvectors\[1\] must have the shape of matrices\[1\]"),
     ([torch.eye(3)], [torch.eye(3, dtype=torch.float64)], {}, r"prev_eigenvectors\[0\] is Double"),
     ([torch.eye(24)], [2.0 * torch.eye(24)], {}, r"prev_eigenvectors\[0\] is not orthonormal"),
+    # Far off as well as not orthonormal: still the caller's error, not a quiet cold solve.
+    ([torch.diag(torch.arange(1.0, 25.0))], [1.5 * torch.ones(24, 24) / 24 ** 0.5 + torch.eye(24)], {},
+     r"prev_eigenvectors\[0\] is not orthonormal"),
     ([torch.eye(3)], None, {"tol": -1.0}, r"tol must be finite and >= 0"),
     ([torch.eye(3)], None, {"tol": math.nan}, r"tol must be finite and >= 0"),
     ([torch.eye(3)], None, {"max_sweeps": -1}, r"max_sweeps must be >= 0"),
