@@ -53,24 +53,17 @@ NGCUDA_GEMM_INLINE void block(const T* __restrict x, int64_t ldx, const T* __res
   }
 }
 
-// C[0:m, 0:cols] (+)= X[0:k, 0:m]ᵀ·Y[0:k, 0:cols]. NR2 divides kPad and NR; it finishes a row of
-// blocks and aligns the first block of the upper triangle, so every m and cols that are
-// multiples of kPad are covered without remainder code.
-template <typename T, int MR, int NR, int NR2>
-NGCUDA_GEMM_INLINE void product(const T* x, int64_t ldx, const T* y, int64_t ldy, T* c,
-                                int64_t ldc, int64_t m, int64_t cols, int64_t k, bool accumulate,
-                                bool upper) {
-  static_assert(kPad % MR == 0 && kPad % NR2 == 0 && NR % NR2 == 0, "block shape");
-  for (int64_t i = 0; i < m; i += MR) {
-    int64_t j = upper ? i / NR2 * NR2 : 0;
-    for (; j + NR <= cols; j += NR) {
-      block<T, MR, NR>(x + i, ldx, y + j, ldy, c + i * ldc + j, ldc, k, accumulate);
-    }
-    for (; j < cols; j += NR2) {
-      block<T, MR, NR2>(x + i, ldx, y + j, ldy, c + i * ldc + j, ldc, k, accumulate);
-    }
+// The plain blocks, as a policy for `product`.
+template <typename T, int MR>
+struct PlainBlocks {
+  using Elem = T;
+  static constexpr int kRows = MR;
+  template <int NR>
+  NGCUDA_GEMM_INLINE static void run(const T* x, int64_t ldx, const T* y, int64_t ldy, T* c,
+                                     int64_t ldc, int64_t k, bool accumulate) {
+    block<T, MR, NR>(x, ldx, y, ldy, c, ldc, k, accumulate);
   }
-}
+};
 
 template <typename T>
 using Fn = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, int64_t, int64_t,
@@ -167,52 +160,67 @@ NGCUDA_GEMM_INLINE void block_simd(const typename A::T* __restrict x, int64_t ld
   }
 }
 
-// `product` with the intrinsic blocks: NV and NV2 vectors per block row.
-template <typename A, int MR, int NV, int NV2>
-NGCUDA_GEMM_INLINE void product_simd(const typename A::T* x, int64_t ldx,
-                                             const typename A::T* y, int64_t ldy,
-                                             typename A::T* c, int64_t ldc, int64_t m,
-                                             int64_t cols, int64_t k, bool accumulate,
-                                             bool upper) {
-  constexpr int NR = NV * A::kLanes, NR2 = NV2 * A::kLanes;
+// The intrinsic blocks, as a policy for `product`; NR is a multiple of the vector's lanes.
+template <typename A, int MR>
+struct SimdBlocks {
+  using Elem = typename A::T;
+  static constexpr int kRows = MR;
+  template <int NR>
+  NGCUDA_GEMM_INLINE static void run(const Elem* x, int64_t ldx, const Elem* y, int64_t ldy,
+                                     Elem* c, int64_t ldc, int64_t k, bool accumulate) {
+    static_assert(NR % A::kLanes == 0, "whole vectors per block row");
+    block_simd<A, MR, NR / A::kLanes>(x, ldx, y, ldy, c, ldc, k, accumulate);
+  }
+};
+#pragma GCC diagnostic pop
+#endif
+
+// C[0:m, 0:cols] (+)= X[0:k, 0:m]ᵀ·Y[0:k, 0:cols] in MR×NR blocks of `Blocks` (MR its kRows).
+// NR2 divides kPad and NR; it finishes a row of blocks and aligns the first block of the upper
+// triangle, so every m and cols that are multiples of kPad are covered without remainder code.
+template <typename Blocks, int NR, int NR2>
+NGCUDA_GEMM_INLINE void product(const typename Blocks::Elem* x, int64_t ldx,
+                                const typename Blocks::Elem* y, int64_t ldy,
+                                typename Blocks::Elem* c, int64_t ldc, int64_t m, int64_t cols,
+                                int64_t k, bool accumulate, bool upper) {
+  constexpr int MR = Blocks::kRows;
   static_assert(kPad % MR == 0 && kPad % NR2 == 0 && NR % NR2 == 0, "block shape");
   for (int64_t i = 0; i < m; i += MR) {
     int64_t j = upper ? i / NR2 * NR2 : 0;
     for (; j + NR <= cols; j += NR) {
-      block_simd<A, MR, NV>(x + i, ldx, y + j, ldy, c + i * ldc + j, ldc, k, accumulate);
+      Blocks::template run<NR>(x + i, ldx, y + j, ldy, c + i * ldc + j, ldc, k, accumulate);
     }
     for (; j < cols; j += NR2) {
-      block_simd<A, MR, NV2>(x + i, ldx, y + j, ldy, c + i * ldc + j, ldc, k, accumulate);
+      Blocks::template run<NR2>(x + i, ldx, y + j, ldy, c + i * ldc + j, ldc, k, accumulate);
     }
   }
 }
-#pragma GCC diagnostic pop
-#endif
 
-#define NGCUDA_GEMM_VARIANT(name, attr, T, MR, NR, NR2)                                      \
-  attr void name(const T* x, int64_t ldx, const T* y, int64_t ldy, T* c, int64_t ldc,       \
-                 int64_t m, int64_t cols, int64_t k, bool acc, bool upper) {                 \
-    product<T, MR, NR, NR2>(x, ldx, y, ldy, c, ldc, m, cols, k, acc, upper);                 \
+// `flatten` inlines the whole product into the variant, which is compiled for its target.
+#define NGCUDA_GEMM_VARIANT(name, attr, Blocks, NR, NR2)                                        \
+  attr __attribute__((flatten)) void name(                                                    \
+      const Blocks::Elem* x, int64_t ldx, const Blocks::Elem* y, int64_t ldy, Blocks::Elem* c, \
+      int64_t ldc, int64_t m, int64_t cols, int64_t k, bool acc, bool upper) {                \
+    product<Blocks, NR, NR2>(x, ldx, y, ldy, c, ldc, m, cols, k, acc, upper);                 \
   }
 
-NGCUDA_GEMM_VARIANT(generic_f32, , float, 4, 8, 4)
-NGCUDA_GEMM_VARIANT(generic_f64, , double, 4, 4, 2)
+using GenericF32 = PlainBlocks<float, 4>;
+using GenericF64 = PlainBlocks<double, 4>;
+NGCUDA_GEMM_VARIANT(generic_f32, , GenericF32, 8, 4)
+NGCUDA_GEMM_VARIANT(generic_f64, , GenericF64, 4, 2)
 #if NGCUDA_GEMM_DISPATCH
-#undef NGCUDA_GEMM_VARIANT
-#define NGCUDA_GEMM_VARIANT(name, attr, A, MR, NV, NV2)                                        \
-  attr __attribute__((flatten)) void name(const A::T* x, int64_t ldx, const A::T* y,          \
-                                          int64_t ldy, A::T* c, int64_t ldc, int64_t m,        \
-                                          int64_t cols, int64_t k, bool acc, bool upper) {     \
-    product_simd<A, MR, NV, NV2>(x, ldx, y, ldy, c, ldc, m, cols, k, acc, upper);             \
-  }
 // 16 accumulators of the 32 zmm registers (8×16 float64, 8×32 float32). Timed alone at n = 64,
 // hot caches, on a 3.7 GHz Zen 5 core: 224 GFLOP/s float32 and 109 float64 (peaks 237 and 118; the
 // plain-C++ blocks reached 150 and 83); the AVX2 blocks 107 and 50.
-NGCUDA_GEMM_VARIANT(avx512_f32, NGCUDA_V4, V4f, 8, 2, 1)
-NGCUDA_GEMM_VARIANT(avx512_f64, NGCUDA_V4, V4d, 8, 2, 1)
+using Avx512F32 = SimdBlocks<V4f, 8>;
+using Avx512F64 = SimdBlocks<V4d, 8>;
+NGCUDA_GEMM_VARIANT(avx512_f32, NGCUDA_V4, Avx512F32, 32, 16)
+NGCUDA_GEMM_VARIANT(avx512_f64, NGCUDA_V4, Avx512F64, 16, 8)
 // 8 of the 16 ymm registers.
-NGCUDA_GEMM_VARIANT(avx2_f32, NGCUDA_V3, V3f, 4, 2, 1)
-NGCUDA_GEMM_VARIANT(avx2_f64, NGCUDA_V3, V3d, 4, 2, 1)
+using Avx2F32 = SimdBlocks<V3f, 4>;
+using Avx2F64 = SimdBlocks<V3d, 4>;
+NGCUDA_GEMM_VARIANT(avx2_f32, NGCUDA_V3, Avx2F32, 16, 8)
+NGCUDA_GEMM_VARIANT(avx2_f64, NGCUDA_V3, Avx2F64, 8, 4)
 #endif
 #undef NGCUDA_GEMM_VARIANT
 
