@@ -19,9 +19,10 @@ Methods, on the same matrices, timed round-robin:
 
 Throughput is quoted at a nominal 9n³ flops per decomposition (tridiagonal reduction, its
 back-transformation and the QR iteration on the vectors; Golub & Van Loan), so it can be read
-against the matmul ceiling. The CPU kernel refines float32 warm starts for 20 ≤ n ≤ 192 (float64:
-10 ≤ n ≤ 96) and solves other sizes cold, where that measured faster (NGCUDA_EIGH_WARM_MIN_N /
-NGCUDA_EIGH_WARM_MAX_N move the range), as well as starts off by more than 3e-3·‖A‖_F (about a
+against the matmul ceiling. With AVX-512 kernels the CPU kernel refines float32 warm starts for
+28 ≤ n ≤ 192 (float64: 28 ≤ n ≤ 96) and solves other sizes cold, where that measured faster;
+without AVX-512 it solves every size cold (ngcuda.build_info()["eigh_warm_n"]; NGCUDA_EIGH_WARM_MIN_N /
+NGCUDA_EIGH_WARM_MAX_N move the range). It also solves cold the starts off by more than 3e-3·‖A‖_F (about a
 4e-3 drift here; NGCUDA_EIGH_WARM_MAX_START_OFF); a warm start it hands to the cold solver is
 reported as EighStatus.WARM_FALLBACK. Cold, float32 n ≤ 96 and float64 n ≤ 256 go to its own Householder + QL
 solver (NGCUDA_EIGH_TRIDIAGONAL_MAX_N moves the limit), larger ones to LAPACK.

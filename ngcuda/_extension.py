@@ -55,7 +55,10 @@ def build_info() -> dict[str, Any]:
     """Which backends were compiled, for which CUDA architectures, and against which torch.
 
     Returns a dict with ``backends`` (e.g. ``["cpu", "cuda"]``), ``cuda_archs``,
-    ``cuda_version``, ``torch_version`` (at build time) and ``torch_runtime``.
+    ``cuda_version``, ``torch_version`` (at build time), ``torch_runtime``, ``cpu_kernels`` (the
+    CPU vector kernels picked for this machine) and ``eigh_warm_n`` (per dtype, the ``(min, max)``
+    sizes whose warm starts the CPU ``batched_eigh`` refines here, or None: without AVX-512 the
+    refinement does not beat the cold solver, so warm starts go unused).
     """
     if _C is None:
         return {"backends": [], "cuda_archs": "", "torch_version": None,

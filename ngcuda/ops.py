@@ -273,9 +273,11 @@ def batched_eigh(
     parallel over the matrices, and n ≥ 768 with LAPACK's own threads. ``tol`` and
     ``max_sweeps`` do not affect cold solves.
 
-    Warm starts on the CPU (float32 20 ≤ n ≤ 192, where they beat the cold path, 1.5× at n = 64
-    after a 1e-3 drift; float64 10 ≤ n ≤ 96, where the cold path is as fast or faster unless the
-    start is nearly exact, measured): the previous eigenvectors are refined by iterative
+    Warm starts on the CPU, with AVX-512 kernels only (``build_info()["eigh_warm_n"]``; without
+    AVX-512 the cold path measured as fast or faster at every size, and warm starts go unused):
+    float32 28 ≤ n ≤ 192, where they beat the cold path, 1.5× at n = 64 after a 1e-3 drift;
+    float64 28 ≤ n ≤ 96, where the cold path is as fast or faster unless the start is nearly
+    exact. There the previous eigenvectors are refined by iterative
     refinement (Ogita & Aishima 2018: S = QᵀAQ, R = I − QᵀQ, a first-order correction of every
     pair at once, Q ← Q + QE), with exact Jacobi rotations for pairs of
     clustered eigenvalues, first in float32 and then in float64 for the stop test, which also

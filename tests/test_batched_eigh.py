@@ -3,7 +3,7 @@
 Eigenvectors are checked through the residual ‖AQ − QΛ‖_F/‖A‖_F and ‖QᵀQ − I‖_F, never by sign.
 The CPU kernel refines warm starts for WARM_MIN_N[dtype] ≤ n ≤ WARM_MAX_N[dtype] (iterative
 refinement by matrix products); other sizes are solved cold, so tests of the refinement use sizes
-in that range (20 to 96 for both dtypes). Cold, float32 n ≤ 96 and float64 n ≤ 256 go to the Householder + QL
+in that range (28 to 96 for both dtypes). Cold, float32 n ≤ 96 and float64 n ≤ 256 go to the Householder + QL
 solver (TRIDIAGONAL_MAX_N), which works in float64.
 """
 from __future__ import annotations
@@ -22,7 +22,11 @@ from hypothesis import strategies as st
 import ngcuda
 from ngcuda import ops, reference
 
-WARM_MIN_N, WARM_MAX_N = {torch.float32: 20, torch.float64: 10}, {torch.float32: 192, torch.float64: 96}
+# conftest.py has the refinement taken on every CPU (without AVX-512 it is off by default).
+_WARM_N = {dt: ngcuda.build_info()["eigh_warm_n"][str(dt).removeprefix("torch.")]
+           for dt in (torch.float32, torch.float64)}
+assert all(_WARM_N.values()), f"conftest.py should have forced the warm refinement on: {_WARM_N}"
+WARM_MIN_N, WARM_MAX_N = ({dt: r[0] for dt, r in _WARM_N.items()}, {dt: r[1] for dt, r in _WARM_N.items()})
 TRIDIAGONAL_MAX_N = {torch.float32: 96, torch.float64: 256}
 # A warm start off by more than this fraction of ‖A‖_F (‖offdiag(QᵀAQ)‖_F) is solved cold at once;
 # test_far_starts_refined_when_allowed reruns the tests below that depend on it with no limit.
@@ -238,6 +242,39 @@ def test_tridiagonal_fallback_to_lapack():
     assert done.stdout.strip() == "ok"
 
 
+def test_warm_range_follows_the_cpu():
+    """By default (no NGCUDA_EIGH_WARM_* override) warm starts are refined only with the AVX-512
+    kernels: float32 28 ≤ n ≤ 192, float64 28 ≤ n ≤ 96. Capped to AVX2, a warm start that the
+    refinement would hand back (a basis unrelated to the matrix) is not even tried: solved cold,
+    status OK; with the range forced it is tried and reported as WARM_FALLBACK."""
+    script = textwrap.dedent("""
+        import torch, ngcuda
+        from ngcuda import ops
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(64, 64, generator=gen); a = a @ a.T
+        q = torch.linalg.qr(torch.randn(64, 64, generator=gen))[0]
+        _, _, status = ops.batched_eigh_with_status([a], [q])
+        info = ngcuda.build_info()
+        print(info["cpu_kernels"], info["eigh_warm_n"], status.tolist())
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ngcuda.__file__)))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("NGCUDA_EIGH_WARM_", "NGCUDA_CPU_ISA"))}
+    base["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
+
+    def run(**env: str) -> str:
+        done = subprocess.run([sys.executable, "-c", script], env=dict(base, **env),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    avx512 = ngcuda.build_info()["cpu_kernels"] == "avx512"
+    native = "{'float32': (28, 192), 'float64': (28, 96)} [4]" if avx512 else "{'float32': None, 'float64': None} [0]"
+    assert run() == ngcuda.build_info()["cpu_kernels"] + " " + native
+    assert run(NGCUDA_CPU_ISA="avx2") == "avx2 {'float32': None, 'float64': None} [0]"
+    assert run(NGCUDA_CPU_ISA="avx2", NGCUDA_EIGH_WARM_MAX_N="100") == \
+        "avx2 {'float32': (28, 100), 'float64': (28, 100)} [4]"
+
+
 def test_far_starts_refined_when_allowed():
     """NGCUDA_EIGH_WARM_MAX_START_OFF=inf lifts the limit on how far off a refined start may be:
     the tests that depend on it, rerun in a fresh process (the setting is read once), then refine
@@ -307,7 +344,7 @@ def test_warm_refinement_converges(dtype, tol, rel):
     products where n allows) and at a tight one (float32: to an orthogonality LAPACK's float32
     result does not reach); a start further off (rel = 1e-2: 7e-3) is solved cold at once."""
     gen = torch.Generator().manual_seed(11)
-    sizes = [20, 27, 33, 48, 64, 65, 96]
+    sizes = [28, 31, 33, 48, 64, 65, 96]
     old = [kfac_factor(n, gen) for n in sizes]
     new = [drift(a, rel, gen) for a in old]
     prev = [torch.linalg.eigh(a.to(dtype))[1].double() for a in old]
@@ -366,7 +403,7 @@ def test_rank_deficient_factors(dtype):
     """Factors of rank n/4 (a cluster of zero eigenvalues three quarters of the matrix), exact and
     after the samples drift, which keeps the rank."""
     gen = torch.Generator().manual_seed(15)
-    sizes = [16, 48, 64, 96]
+    sizes = [32, 48, 64, 96]
     xs = [torch.randn(n // 4, n, dtype=torch.float64, generator=gen) for n in sizes]
     old = [x.T @ x / x.shape[0] for x in xs]
     prev = [torch.linalg.eigh(a)[1] for a in old]
@@ -408,7 +445,7 @@ def test_identity_accepts_any_basis(dtype):
     """Every orthonormal basis diagonalises c·I: the warm start is returned as it is, refined only
     for orthonormality."""
     gen = torch.Generator().manual_seed(17)
-    sizes = [20, 40, 96]
+    sizes = [28, 40, 96]
     mats = [3.0 * torch.eye(n, dtype=torch.float64) for n in sizes]
     prev = [random_orthogonal(n, gen) for n in sizes]
     values, vectors, status = warm(mats, prev, dtype)
@@ -426,7 +463,7 @@ def test_warm_scale_and_zero(dtype, scale):
     """The refinement works on A scaled to unit norm: tiny and huge factors (1e±30, beyond
     float32's squares) behave like unit ones, and a zero factor keeps its basis."""
     gen = torch.Generator().manual_seed(19)
-    old = [kfac_factor(n, gen) for n in (20, 40)]
+    old = [kfac_factor(n, gen) for n in (28, 40)]
     new = [scale * drift(a, 1e-3, gen) for a in old]
     prev = [torch.linalg.eigh(a)[1] for a in old]
     values, vectors, status = warm(new, prev, dtype)
@@ -458,14 +495,14 @@ def test_mixed_sizes_in_one_warm_call(dtype):
 def test_degenerate_eigenvalues(dtype, warm):
     gen = torch.Generator().manual_seed(2)
     mats = [torch.eye(5, dtype=torch.float64), 3.0 * torch.eye(30, dtype=torch.float64)]
-    for n, spectrum in [(6, [1.0, 1.0, 1.0, 2.0, 2.0, 3.0]), (20, [0.0] * 10 + [5.0] * 10),
+    for n, spectrum in [(6, [1.0, 1.0, 1.0, 2.0, 2.0, 3.0]), (28, [0.0] * 14 + [5.0] * 14),
                         (40, [1.0] * 39 + [-1.0])]:
         q = random_orthogonal(n, gen)
         mats.append(q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ q.T)
     prev = [random_orthogonal(a.shape[0], gen).to(dtype) for a in mats] if warm else None
     values, vectors, status = ops.batched_eigh_with_status([a.to(dtype) for a in mats], prev)
     # A random basis for the 40×40 matrix couples most pairs: solved cold, and reported. So is
-    # the 20×20 one's (two blocks of equal eigenvalues), unless starts that far off are allowed,
+    # the 28×28 one's (two blocks of equal eigenvalues), unless starts that far off are allowed,
     # when the cluster rotations solve it.
     far = warm and start_off(mats[3], prev[3]) > MAX_START_OFF
     expected = [OK, OK, OK, FALLBACK if far else OK, FALLBACK if warm else OK]
@@ -475,11 +512,11 @@ def test_degenerate_eigenvalues(dtype, warm):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_diagonal_input_needs_no_sweep(dtype):
-    """A diagonal matrix with an identity warm start (n = 20, refined) converges with
+    """A diagonal matrix with an identity warm start (n = 28, refined) converges with
     max_sweeps=0; the result is the sorted diagonal and a permutation matrix, exactly."""
-    d = torch.randperm(20, generator=torch.Generator().manual_seed(5)).to(dtype) * 0.5 - 4.0
+    d = torch.randperm(28, generator=torch.Generator().manual_seed(5)).to(dtype) * 0.5 - 4.0
     a = torch.diag(d)
-    eye = torch.eye(20, dtype=dtype)
+    eye = torch.eye(28, dtype=dtype)
     values, vectors, status = ops.batched_eigh_with_status([a, a], [eye, eye], max_sweeps=0)
     assert status.tolist() == [0, 0]
     order = torch.argsort(d)
@@ -596,9 +633,9 @@ BAD_INPUTS = [
     ([torch.eye(3), torch.eye(2)], [torch.eye(3), torch.eye(3)], {},
      r"prev_eigenvectors\[1\] must have the shape of matrices\[1\]"),
     ([torch.eye(3)], [torch.eye(3, dtype=torch.float64)], {}, r"prev_eigenvectors\[0\] is Double"),
-    ([torch.eye(24)], [2.0 * torch.eye(24)], {}, r"prev_eigenvectors\[0\] is not orthonormal"),
+    ([torch.eye(32)], [2.0 * torch.eye(32)], {}, r"prev_eigenvectors\[0\] is not orthonormal"),
     # Far off as well as not orthonormal: still the caller's error, not a quiet cold solve.
-    ([torch.diag(torch.arange(1.0, 25.0))], [1.5 * torch.ones(24, 24) / 24 ** 0.5 + torch.eye(24)], {},
+    ([torch.diag(torch.arange(1.0, 33.0))], [1.5 * torch.ones(32, 32) / 32 ** 0.5 + torch.eye(32)], {},
      r"prev_eigenvectors\[0\] is not orthonormal"),
     ([torch.eye(3)], None, {"tol": -1.0}, r"tol must be finite and >= 0"),
     ([torch.eye(3)], None, {"tol": math.nan}, r"tol must be finite and >= 0"),

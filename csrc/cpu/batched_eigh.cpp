@@ -1,6 +1,6 @@
 // batched_eigh on the CPU: a list of symmetric matrices of any mix of sizes, in parallel over them.
 //
-// Warm start (prev_eigenvectors given), for the sizes where it pays (warm_min_n..warm_max_n):
+// Warm start (prev_eigenvectors given), for the sizes where it pays on this CPU (warm_range):
 // iterative refinement of the previous eigenvectors by matrix products (warm_refine.h), one
 // matrix per thread. A matrix the refinement cannot finish within max_sweeps steps (or not
 // cheaply: a basis that is far off) is solved cold afterwards and reported with status
@@ -24,7 +24,9 @@
 #include <memory>
 #include <vector>
 
+#include "batched_eigh.h"
 #include "clones.h"
+#include "small_gemm.h"
 #include "tridiagonal_eigh.h"
 #include "warm_refine.h"
 
@@ -45,25 +47,27 @@ double env_double(const char* name, double fallback) {
   return env ? std::atof(env) : fallback;
 }
 
-// The sizes whose warm starts are refined; the others are solved cold, their warm start unused.
+}  // namespace
+
 // Measured with `python -m benchmarks eigh` (2 threads, 64 K-FAC-like factors, 35 at n = 192,
-// after a 1e-3 drift; AMD EPYC Zen 5), warm/cold time in float32: 1.13 at n = 20, 1.05 at 24
-// (left in the range: such layers are rare), 0.84 at 28, 0.77 at 32, 0.67 at 48 to 96 (cold: our
-// Householder + QL), 0.62 at 128, 0.76 at 160, 0.70 at 192 (cold: LAPACK), 1.3 at 224 and 1.4 at
-// 256; after a 1e-4 drift 0.6 at 128 to 224; a 1e-2 drift is over warm_max_start_off. float64:
-// the cold solver is faster unless the start is nearly exact (warm/cold 0.8–0.9 at n = 32 to 96
-// after a 1e-8 drift, 1.0–1.1 after 1e-7 to 1e-5, 1.2–1.7 at n = 16), so the range is kept. The
-// refinement keeps about 110·n² bytes of buffers per thread (4 MiB at n = 192).
-int64_t warm_min_n(at::ScalarType dtype) {
-  static const int64_t forced = env_int("NGCUDA_EIGH_WARM_MIN_N", -1);
-  if (forced >= 0) return forced;
-  return dtype == at::kFloat ? 20 : 10;
+// warm/cold time after a 1e-3 drift). AMD EPYC Zen 5 (AVX-512), float32: 1.13 at n = 20, 1.05 at
+// 24, 0.84 at 28, 0.77 at 32, 0.67 at 48 to 96 (cold: our Householder + QL), 0.62 at 128, 0.76 at
+// 160, 0.70 at 192 (cold: LAPACK), 1.3 at 224 and 1.4 at 256; after a 1e-4 drift 0.6 at 128 to 224;
+// a 1e-2 drift is over warm_max_start_off. float64: 1.1 to 2.1 at n ≤ 24 whatever the drift, and
+// above that the cold solver is faster unless the start is nearly exact (0.8–0.9 at n = 32 to 96
+// after a 1e-8 drift, 1.0–1.1 after 1e-7 to 1e-5), so that range is kept. AMD EPYC Zen 3 (AVX2
+// only), where the products run at half the width: float32 0.83–1.0 at n = 32 to 64 after a 1e-4
+// drift, 1.04–1.22 after 3e-4 to 1e-3, 1.4–1.9 at 128 to 192; float64 1.3–2.2 even after 1e-8. So
+// without AVX-512 no warm start is refined. The refinement keeps about 110·n² bytes of buffers per
+// thread (4 MiB at n = 192).
+WarmRange warm_range(at::ScalarType dtype) {
+  static const int64_t forced_min = env_int("NGCUDA_EIGH_WARM_MIN_N", -1);
+  static const int64_t forced_max = env_int("NGCUDA_EIGH_WARM_MAX_N", -1);
+  const int64_t max_n = gemm::level() < 2 ? 0 : dtype == at::kFloat ? 192 : 96;
+  return {forced_min >= 0 ? forced_min : 28, forced_max >= 0 ? forced_max : max_n};
 }
-int64_t warm_max_n(at::ScalarType dtype) {
-  static const int64_t forced = env_int("NGCUDA_EIGH_WARM_MAX_N", -1);
-  if (forced >= 0) return forced;
-  return dtype == at::kFloat ? 192 : 96;
-}
+
+namespace {
 
 // A warm start whose ‖offdiag(QᵀAQ)‖_F exceeds this fraction of ‖A‖_F is solved cold at once
 // (status kWarmFallback): the cold solve is then faster. Measured single-threaded, K-FAC-like
@@ -377,7 +381,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     const int64_t n = a[i].size(0);
     if (n == 0) continue;
     const double cost = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
-    if (warm && n >= warm_min_n(a[i].scalar_type()) && n <= warm_max_n(a[i].scalar_type())) {
+    if (warm && warm_range(a[i].scalar_type()).holds(n)) {
       items.push_back({Item::kWarm, {i}, cost});
       nmax_warm = std::max(nmax_warm, n);
     } else if (n >= threaded_lapack_min_n() && n > tridiagonal_max_n(a[i].scalar_type())) {
