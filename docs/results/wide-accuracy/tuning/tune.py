@@ -1,6 +1,6 @@
 """Validation-only tuning of kfac (auto structure): prints the highest validation accuracy and the lowest validation loss per config (mean over seeds),
 never test accuracy. usage (from the repository root): PYTHONPATH=. python docs/results/wide-accuracy/tuning/tune.py DATASET SEEDS CONFIGS_JSON OUTFILE
-Configs are OptimizerConfig fields (optimizer defaults to kfac), weight decay 5e-4, momentum 0.9, one torch thread."""
+Configs are OptimizerConfig fields (optimizer defaults to kfac), weight decay 5e-4 unless given, momentum 0.9, one torch thread."""
 import json, sys, time, torch
 from ngcuda.data import load_graph, NPZ_DATASETS
 from ngcuda.train import NodeConfig, OptimizerConfig, train_node_classifier
@@ -16,7 +16,7 @@ for c in configs:
     vals, maxv, vloss = [], [], []
     t0 = time.time()
     for s in seeds:
-        oc = OptimizerConfig(weight_decay=5e-4, task="gnn", **c)
+        oc = OptimizerConfig(**{"weight_decay": 5e-4, "task": "gnn", **c})
         run = train_node_classifier(graphs[s], name, s, cfg, oc, torch.device("cpu"))
         h = run["history"]
         vals.append(best_epoch(h, "val-acc")["val_acc"]); vloss.append(min(r["val_loss"] for r in h))
