@@ -47,6 +47,14 @@ struct Scalar {
   }
 };
 
+// block and rows_from have no target of their own (they take it from the variant they are
+// inlined into), so GCC warns that their vector values would change the ABI if they were ever
+// called out of line; they never are.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 template <typename S, int MR, bool kTrans>
 NGCUDA_PANEL_INLINE void block(const typename S::T* __restrict q, int64_t ldq,
                                const typename S::T* __restrict p, int64_t ldp,
@@ -80,6 +88,10 @@ NGCUDA_PANEL_INLINE void rows_from(const typename S::T* q, int64_t ldq, const ty
     rows_from<S, MR / 2, kTrans>(q, ldq, p, ldp, c, ldc, r, rows, w, k, accumulate);
   }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 template <typename T>
 using Fn = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, int64_t, int64_t,
