@@ -33,7 +33,8 @@ pybind11::dict build_info() {
   info["cpu_kernels"] = std::string(ngcuda::cpu::gemm::variant());
   // The sizes whose warm starts the CPU batched_eigh refines here: (min n, max n), or None.
   pybind11::dict warm;
-  for (const auto& [name, dtype] : {std::pair{"float32", c10::kFloat}, std::pair{"float64", c10::kDouble}}) {
+  for (const auto& [name, dtype] :
+       {std::pair{"float32", c10::kFloat}, std::pair{"float64", c10::kDouble}}) {
     const auto range = ngcuda::cpu::warm_range(dtype);
     if (range.min_n <= range.max_n) {
       warm[name] = pybind11::make_tuple(range.min_n, range.max_n);

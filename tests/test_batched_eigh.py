@@ -26,7 +26,8 @@ from ngcuda import ops, reference
 _WARM_N = {dt: ngcuda.build_info()["eigh_warm_n"][str(dt).removeprefix("torch.")]
            for dt in (torch.float32, torch.float64)}
 assert all(_WARM_N.values()), f"conftest.py should have forced the warm refinement on: {_WARM_N}"
-WARM_MIN_N, WARM_MAX_N = ({dt: r[0] for dt, r in _WARM_N.items()}, {dt: r[1] for dt, r in _WARM_N.items()})
+WARM_MIN_N = {dt: r[0] for dt, r in _WARM_N.items()}
+WARM_MAX_N = {dt: r[1] for dt, r in _WARM_N.items()}
 TRIDIAGONAL_MAX_N = {torch.float32: 96, torch.float64: 256}
 # A warm start off by more than this fraction of ‖A‖_F (‖offdiag(QᵀAQ)‖_F) is solved cold at once;
 # test_far_starts_refined_when_allowed reruns the tests below that depend on it with no limit.
@@ -258,7 +259,8 @@ def test_warm_range_follows_the_cpu():
         print(info["cpu_kernels"], info["eigh_warm_n"], status.tolist())
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(ngcuda.__file__)))
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("NGCUDA_EIGH_WARM_", "NGCUDA_CPU_ISA"))}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("NGCUDA_EIGH_WARM_", "NGCUDA_CPU_ISA"))}
     base["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
 
     def run(**env: str) -> str:
@@ -268,7 +270,8 @@ def test_warm_range_follows_the_cpu():
         return done.stdout.strip()
 
     avx512 = ngcuda.build_info()["cpu_kernels"] == "avx512"
-    native = "{'float32': (28, 192), 'float64': (28, 96)} [4]" if avx512 else "{'float32': None, 'float64': None} [0]"
+    native = ("{'float32': (28, 192), 'float64': (28, 96)} [4]" if avx512
+              else "{'float32': None, 'float64': None} [0]")
     assert run() == ngcuda.build_info()["cpu_kernels"] + " " + native
     assert run(NGCUDA_CPU_ISA="avx2") == "avx2 {'float32': None, 'float64': None} [0]"
     assert run(NGCUDA_CPU_ISA="avx2", NGCUDA_EIGH_WARM_MAX_N="100") == \
