@@ -209,6 +209,9 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     g.add_argument("--factor-structure", type=_factor_structure, default=None, metavar="S",
                    help="K-FAC input-factor structure of every layer: auto (default), full, block:K, "
                    "lowrank:R or diag; or per layer: conv1=lowrank:64,conv2=full (others auto)")
+    g.add_argument("--gcn-factoring", choices=("aggregated", "input"), default=None,
+                   help="K-FAC factors of a GCNConv: aggregated (default; A from ÂH and G at Z = ÂHW + b, "
+                   "as Izadi et al.) or input (its Linear alone: A from H, G at HW; layers conv1.lin, ...)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default runs/<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -351,7 +354,7 @@ def _optimizer_config(args: argparse.Namespace, task: str, weight_decay: float):
         lr=args.lr, momentum=args.momentum, weight_decay=_with_default(args.weight_decay, weight_decay),
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
         inverse_every=args.inverse_every, kl_clip=args.kl_clip, fisher_type=args.fisher_type,
-        factor_structure=args.factor_structure, task=task,
+        factor_structure=args.factor_structure, gcn_factoring=getattr(args, "gcn_factoring", None), task=task,
     )
 
 

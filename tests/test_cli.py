@@ -45,6 +45,7 @@ def _one_thread(one_thread):
         (["train", "--factor-structure", "lowrank"], "unknown factor structure"),
         (["train", "--factor-structure", "conv1:diag,conv2"], "unknown factor structure"),
         (["train", "--factor-structure", "=diag"], "LAYER=STRUCTURE"),
+        (["train", "--gcn-factoring", "both"], "invalid choice"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -147,6 +148,22 @@ def test_train_factor_structure(tmp_path, spec, expected):
                  "--quiet", "--factor-structure", spec]) == 0
     run = json.loads((out / "metrics.json").read_text())["runs"][0]
     assert [line.split(" A ")[1].split()[1].rstrip(",") for line in run["kfac_layers"]] == expected
+    assert run["history"][-1]["train_loss"] < run["history"][0]["train_loss"]
+
+
+@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
+@pytest.mark.parametrize("factoring,expected", [
+    (None, ["conv1: gcn, A 1434x1434", "conv2: gcn, A 17x17"]),
+    ("aggregated", ["conv1: gcn, A 1434x1434", "conv2: gcn, A 17x17"]),
+    ("input", ["conv1.lin: gcn-input, A 1433x1433", "conv2.lin: gcn-input, A 16x16"]),
+])
+def test_train_gcn_factoring(tmp_path, factoring, expected):
+    out = tmp_path / "gf"
+    extra = [] if factoring is None else ["--gcn-factoring", factoring]
+    assert main(["train", "--optimizers", "kfac", "--epochs", "3", "--device", "cpu", "--out", str(out),
+                 "--quiet", *extra]) == 0
+    run = json.loads((out / "metrics.json").read_text())["runs"][0]
+    assert [" ".join(line.split()[:4]) for line in run["kfac_layers"]] == expected
     assert run["history"][-1]["train_loss"] < run["history"][0]["train_loss"]
 
 

@@ -50,6 +50,7 @@ class OptimizerConfig:
     kl_clip: float | None = None
     factor_structure: str | None = None
     fisher_type: str | None = None
+    gcn_factoring: str | None = None
     task: str = "gnn"
 
     def for_optimizer(self, name: str) -> "OptimizerConfig":
@@ -149,7 +150,7 @@ def make_optimizer(
     kfac_opts = {
         k: cfg.kfac_option(k)
         for k in ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "factor_structure",
-                  "fisher_type")
+                  "fisher_type", "gcn_factoring")
         if cfg.kfac_option(k) is not None
     }
     if seed is not None and "seed" in inspect.signature(ngcuda.KFAC).parameters:
