@@ -39,7 +39,8 @@ STRUCTURES = ("auto", "full", "block:256", "lowrank:64", "diag")
 HOPELESS = {("coauthor-cs", "full"), ("coauthor-physics", "full")}
 
 
-def _worker(graph: str, structure: str, data_root: str, warmup: int, steps: int) -> dict:
+def _worker(graph: str, structure: str, data_root: str, warmup: int, steps: int,
+            gcn_factoring: str = "aggregated") -> dict:
     """Runs in a child process: times `steps` training steps; prints one JSON line."""
     import resource
     import time
@@ -64,7 +65,7 @@ def _worker(graph: str, structure: str, data_root: str, warmup: int, steps: int)
             opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
         else:
             opt = ngcuda.KFAC(model, lr=0.1, momentum=0.9, weight_decay=5e-4, factor_every=1,
-                              inverse_every=10, factor_structure=name)
+                              inverse_every=10, factor_structure=name, gcn_factoring=gcn_factoring)
 
         def step() -> None:
             model.train()
@@ -114,7 +115,7 @@ def _run_child(graph: str, structure: str, args: argparse.Namespace) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); "
             f"from benchmarks.bench_wide import _worker; "
             f"print(json.dumps(_worker({graph!r}, {structure!r}, {str(args.data_root)!r}, "
-            f"{args.warmup}, {args.steps})))")
+            f"{args.warmup}, {args.steps}, {args.gcn_factoring!r})))")
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="torch threads in each child (0: torch's default); 1 avoids OpenMP "
                     "spin-waits when the machine is oversubscribed")
     ap.add_argument("--device", default="cpu", choices=("cpu",))
+    ap.add_argument("--gcn-factoring", default="aggregated", choices=("aggregated", "input"),
+                    help="K-FAC factors of each GCNConv (ngcuda.KFAC's gcn_factoring)")
     ap.add_argument("--out", "--json", dest="out", default=str(RESULTS / "cpu-wide.json"),
                     help="JSON path ('-' writes nothing)")
     ap.add_argument("--quick", action="store_true", help="Cora only, auto and diag, 2 steps")
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "peak_mib"])
     load = os.getloadavg()
     result = {"benchmark": "wide", "quick": args.quick, "environment": environment("cpu"),
-              "child_threads": args.threads or "torch default",
+              "child_threads": args.threads or "torch default", "gcn_factoring": args.gcn_factoring,
               "load_average_1_5_15": load,
               "note": "measured on a shared 2-core machine; see load_average",
               "workload": __doc__.split("Workload:")[1].split("Each (graph")[0].strip(),
