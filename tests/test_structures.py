@@ -207,6 +207,47 @@ def test_row_source_sparse_equals_dense(adj, bias):
             assert rel_err(blk, A[j0:j1, j0:j1]) <= TOL
 
 
+@pytest.mark.parametrize("adj", [False, True])
+def test_row_source_drops_stored_zeros(adj):
+    # A CSR x whose dropout zeroed values in place: explicit zeros (a whole row of them), one
+    # duplicated column; the statistics equal the dense float64 ones, from fewer entries.
+    torch.manual_seed(1)
+    n, d = 23, 11
+    x = torch.randn(n, d, dtype=torch.float64) * (torch.rand(n, d) < 0.5)
+    x[4] = 0.0
+    # every entry stored, zeros included; then row 7 gets column 3 twice (0.5 and 0.25)
+    crow = torch.arange(0, n * d + 1, d)
+    col = torch.arange(d).repeat(n)
+    val = x.flatten().clone()
+    val[7 * d + 3] = 0.5
+    col = torch.cat([col[: 7 * d + 4], torch.tensor([3]), col[7 * d + 4:]])
+    val = torch.cat([val[: 7 * d + 4], torch.tensor([0.25], dtype=val.dtype), val[7 * d + 4:]])
+    crow = crow + (torch.arange(n + 1) > 7).long()
+    xs = torch.sparse_csr_tensor(crow, col, val, size=(n, d))
+    xd = xs.to_dense()
+    assert xd[7, 3] == 0.75
+    a = None
+    if adj:
+        a = ((torch.rand(n, n) < 0.15).double() * torch.rand(n, n, dtype=torch.float64)
+             + torch.eye(n, dtype=torch.float64)).to_sparse_csr()
+    src = RowSource(xs, a, True)
+    assert src.nnz() == int((val != 0).sum()) < val.numel()
+    assert torch.equal(src.x.to_dense(), xd)
+    xb = xd if a is None else a.to_dense() @ xd
+    xb = torch.cat([xb, torch.ones(n, 1, dtype=xb.dtype)], 1)
+    A = xb.T @ xb / n
+    D = A.shape[0]
+    v = torch.randn(D, 3, dtype=torch.float64)
+    assert rel_err(src.apply(v) / n, A @ v) <= TOL
+    assert rel_err(src.diag() / n, torch.diagonal(A)) <= TOL
+    assert rel_err(full_statistic_(torch.zeros(D, D, dtype=torch.float64), [src]), A) <= TOL
+    b = block_bounds(D, 5)
+    for blk, j0, j1 in zip(block_statistics([src], b, torch.float64), b[:-1], b[1:]):
+        assert rel_err(blk, A[j0:j1, j0:j1]) <= TOL
+    dense_x = x.to_sparse_csr()
+    assert RowSource(dense_x, a, True).x is dense_x  # nothing to drop: the same tensor
+
+
 @pytest.mark.parametrize("structure", ["full", "block:4", "lowrank:13", "diag"])
 def test_sparse_csr_input_trains_like_dense(structure):
     dense, _, _ = run(structure, steps=3)

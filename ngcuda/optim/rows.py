@@ -82,6 +82,40 @@ def csr_transpose(x: Tensor) -> Tensor:
                                    check_invariants=False)
 
 
+def drop_stored_zeros(x: Tensor) -> Tensor:
+    """A CSR ``x`` [N, d] without its explicitly stored zeros (``x`` itself if it has none).
+
+    Dropout on a CSR input keeps the pattern and zeroes values (``ngcuda.models.input_dropout``),
+    so half the stored entries can be zeros; every factor op and product costs its stored entries
+    (the block update's pairs: their square), and a zero adds nothing to any of them. NaN and Inf
+    values are kept.
+    """
+    val = x.values()
+    keep = val != 0
+    if bool(keep.all()):
+        return x
+    crow = x.crow_indices()
+    kept_before = torch.cat([crow.new_zeros(1), torch.cumsum(keep, 0, dtype=crow.dtype)])
+    return torch.sparse_csr_tensor(kept_before[crow], x.col_indices()[keep], val[keep], size=x.shape,
+                                   check_invariants=False)
+
+
+def summed_duplicates(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Column indices and values [nnz'] of a CSR ``x``'s entries with a column repeated within a
+    row summed into one entry (squares of entries are then squares of the matrix's entries)."""
+    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    if col.numel() < 2:
+        return col, val
+    increasing = col[1:] > col[:-1]
+    row_starts = crow[1:-1]
+    increasing[row_starts[(row_starts > 0) & (row_starts < col.numel())] - 1] = True
+    if bool(increasing.all()):
+        return col, val
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=col.device), crow[1:] - crow[:-1])
+    c = torch.sparse_coo_tensor(torch.stack([rows, col.long()]), val, tuple(x.shape)).coalesce()
+    return c.indices()[1], c.values()
+
+
 def block_bounds(size: int, k: int) -> list[int]:
     """Contiguous partition of ``size`` columns into ``ceil(size/k)`` blocks of near-equal size
     ≤ k: the returned bounds ``[0, b_1, …, size]``. The last block holds the bias column."""
@@ -103,7 +137,7 @@ class RowSource:
     """
 
     def __init__(self, x: Tensor, adj: Optional[Tensor], bias: bool) -> None:
-        self.x = x
+        self.x = drop_stored_zeros(x) if is_csr(x) else x
         self.adj = adj
         self.bias = bias
 
@@ -157,8 +191,9 @@ class RowSource:
         else:
             z = x
         if is_csr(z):
+            col, val = summed_duplicates(z)
             out = torch.zeros(self.d, dtype=z.dtype, device=z.device)
-            out.index_add_(0, z.col_indices(), z.values().square())
+            out.index_add_(0, col, val.square())
         else:
             out = z.square().sum(0)
         if self.bias:
