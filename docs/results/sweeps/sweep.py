@@ -30,7 +30,7 @@ SEEDS = (100, 101, 102)
 # A configuration: optimizer name plus the NodeConfig / OptimizerConfig fields it sets.
 NODE_KEYS = ("input_dropout", "pseudo_label_gamma", "dropout", "epochs")
 OPT_KEYS = ("lr", "damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "fisher_type",
-            "weight_decay", "momentum")
+            "weight_decay", "momentum", "factor_structure", "gcn_factoring")
 
 
 def grid(**axes):
@@ -90,6 +90,18 @@ def configs(stage: str) -> list[dict]:
             out.append(dict(optimizer="kfac-adam", input_dropout=False, pseudo_label_gamma=g,
                             damping=1.0 if stage == "citeseer-a" else 0.1, fisher_type="empirical",
                             kl_clip=0.0, **IZADI))
+    elif stage == "gcn-factoring":
+        # Issue #10 found input factoring (A from H, G at HW) better on CiteSeer and Coauthor CS; here
+        # the same switch in this issue's settings, both factorings side by side, gamma = 3.
+        kfac = dict(damping=1e-2, lr=0.05, kl_clip=1e-3, fisher_type="true", **OFTEN)
+        for fac in ("aggregated", "input"):
+            for drop in (False, True):
+                out.append(dict(optimizer="kfac", input_dropout=drop, pseudo_label_gamma=3.0, gcn_factoring=fac,
+                                factor_structure="full" if not drop else "auto", **kfac))
+            for damping in (1.0, 0.1):
+                out.append(dict(optimizer="kfac-adam", input_dropout=False, pseudo_label_gamma=3.0,
+                                gcn_factoring=fac, factor_structure="full", damping=damping,
+                                fisher_type="empirical", kl_clip=0.0, **IZADI))
     else:
         raise SystemExit(f"unknown stage {stage!r}")
     return out
