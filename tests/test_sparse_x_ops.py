@@ -195,17 +195,20 @@ def test_csr_masked_rows_are_never_read():
     assert rel_err(f, expected) <= 1e-12
 
 
+# Blocks of at most 512 (as the factor of d = 200 here) take the CPU's walk over x's rows,
+# larger ones (d = 700) the walk over its columns.
+@pytest.mark.parametrize("d", [200, 700])
 @pytest.mark.parametrize("op", ["dense", "aggregated"])
-def test_csr_result_does_not_depend_on_thread_count(op):
+def test_csr_result_does_not_depend_on_thread_count(op, d):
     gen = torch.Generator().manual_seed(11)
-    x = csr_x(300, 200, 0.05, gen, torch.float32, torch.int64)
+    x = csr_x(300, d, 0.05, gen, torch.float32, torch.int64)
     rowptr, col = adjacency(300, 300, 5.0, gen)
     results = []
     threads = torch.get_num_threads()
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            f = torch.eye(201)
+            f = torch.eye(d + 1)
             if op == "dense":
                 ops.factor_update_(f, x, 0.5, True)
             else:
@@ -300,6 +303,31 @@ def test_blocks_are_the_diagonal_of_the_full_factor(device, layout):
         assert rel_err(b, full[start:start + s, start:start + s]) <= 1e-12
         start += s
     assert blocks[-1][-1, -1].item() == pytest.approx(1.0), "the bias corner is Σw/Σw"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["dense", "aggregated"])
+def test_row_walk_and_column_walk_give_the_same_bits(dtype, op):
+    # The full 1101² factor takes the CPU's column walk, its two diagonal blocks (≤ 512) the row
+    # walk: each entry is the same sum in the same order, so the blocks equal the full factor's.
+    gen = torch.Generator().manual_seed(5)
+    x = csr_x(250, 1100, 0.01, gen, dtype, torch.int64)
+    rowptr, col = adjacency(120, 250, 4.0, gen)
+    sizes = [512, 512, 77]
+    full0 = spd(1101, gen, dtype)
+    blocks0 = [full0[a:a + s, a:a + s].clone() for a, s in zip((0, 512, 1024), sizes)]
+    full, blocks = full0.clone(), [b.clone() for b in blocks0]
+    if op == "dense":
+        ops.factor_update_(full, x, 0.7, True)
+        ops.block_factor_update_(blocks, x, 0.7, True)
+        expected = reference.factor_update(full0, x, 0.7, True)
+    else:
+        ops.sparse_factor_update_(full, rowptr, col, None, x, 0.7, True)
+        ops.sparse_block_factor_update_(blocks, rowptr, col, None, x, 0.7, True)
+        expected = reference.sparse_factor_update(full0, rowptr, col, None, x, 0.7, True)
+    assert rel_err(full, expected) <= TOL[dtype]
+    for b, a, s in zip(blocks, (0, 512, 1024), sizes):
+        assert torch.equal(b, full[a:a + s, a:a + s])
 
 
 def test_block_with_only_the_bias_column():

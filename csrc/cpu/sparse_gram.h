@@ -1,11 +1,13 @@
 // The Gram x̄ᵀ diag(w) x̄ of a sparse x, accumulated straight into the upper triangles of a
 // factor's diagonal blocks, on the CPU.
 //
-// Each thread owns whole output rows: it walks the transposed pattern (which rows hold column
-// i), and for each such row r adds w_r·x_ri·x_rj to output row i for the row's columns j ≥ i in
-// i's block. Nothing is shared between threads, and every sum runs in the order of the rows, so
-// the result is the same for any thread count. The cost is Σ_r nnz_r² / 2 multiply-adds (Σ_r
-// nnz_r² for rows whose columns are unsorted or repeated), plus one pass over each block.
+// Each thread owns whole output rows i and adds w_r·x_ri·x_rj to row i for the columns j ≥ i of
+// i's block. With sorted rows and blocks of at most 512 it walks x's rows in order (its output
+// rows stay in cache); otherwise it walks the transposed pattern (which rows hold column i), so
+// that one large output row stays in cache. Nothing is shared between threads, and every sum
+// runs in the order of the rows, so the result is the same for any thread count and either
+// walk. The cost is Σ_r nnz_r² / 2 multiply-adds within blocks (Σ_r nnz_r² for rows whose
+// columns are unsorted or repeated), plus one pass over each block.
 #pragma once
 
 #include <ATen/ATen.h>
