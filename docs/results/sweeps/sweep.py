@@ -102,6 +102,18 @@ def configs(stage: str) -> list[dict]:
                 out.append(dict(optimizer="kfac-adam", input_dropout=False, pseudo_label_gamma=3.0,
                                 gcn_factoring=fac, factor_structure="full", damping=damping,
                                 fisher_type="empirical", kl_clip=0.0, **IZADI))
+    elif stage == "citeseer-input":
+        # CiteSeer with input factoring: its own pseudo-label weight (gamma = 2 was Adam's best
+        # there), a larger step for kfac, and Adam-KFAC's damping between 0.1 and 1.
+        kfac = dict(damping=1e-2, lr=0.05, kl_clip=1e-3, fisher_type="true", **OFTEN)
+        base = dict(input_dropout=False, gcn_factoring="input", factor_structure="full")
+        for g in (2.0, 5.0):
+            out.append(dict(optimizer="kfac", pseudo_label_gamma=g, **base, **kfac))
+        out.append(dict(optimizer="kfac", pseudo_label_gamma=3.0, **base, **{**kfac, "lr": 0.1}))
+        out.append(dict(optimizer="kfac", pseudo_label_gamma=3.0, **base, **{**kfac, "damping": 3e-3}))
+        for damping in (1.0, 0.3):
+            out.append(dict(optimizer="kfac-adam", pseudo_label_gamma=2.0 if damping == 1.0 else 3.0, **base,
+                            damping=damping, fisher_type="empirical", kl_clip=0.0, **IZADI))
     else:
         raise SystemExit(f"unknown stage {stage!r}")
     return out
