@@ -145,7 +145,8 @@ class KFAC(torch.optim.Optimizer):
         ekfac: eigenvalue-corrected K-FAC (George et al. 2018).
         adaptive_damping: Levenberg–Marquardt adaptation of γ; needs ``step(closure)``.
         lm: its settings (:class:`~ngcuda.optim.damping.LMConfig`).
-        gcn_factoring: ``"aggregated"`` (A from ÂH, Izadi et al.) or ``"input"`` (A from H).
+        gcn_factoring: ``"aggregated"`` (A from ÂH, Izadi et al.) or ``"input"`` (A from H, G at
+            HW; better on CiteSeer and Coauthor CS in the README's results).
         base_optimizer: preconditioner-only mode ("Adam-KFAC"): ``.grad`` is replaced by the
             preconditioned gradient, then ``base_optimizer.step()`` runs with its own lr / decay.
         eigh: :class:`EighOptions`.
