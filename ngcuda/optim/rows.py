@@ -112,7 +112,8 @@ def summed_duplicates(x: Tensor) -> tuple[Tensor, Tensor]:
     if bool(increasing.all()):
         return col, val
     rows = torch.repeat_interleave(torch.arange(x.shape[0], device=col.device), crow[1:] - crow[:-1])
-    c = torch.sparse_coo_tensor(torch.stack([rows, col.long()]), val, tuple(x.shape)).coalesce()
+    c = torch.sparse_coo_tensor(torch.stack([rows, col.long()]), val, tuple(x.shape),
+                                check_invariants=False).coalesce()
     return c.indices()[1], c.values()
 
 
