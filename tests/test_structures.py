@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ngcuda
-from ngcuda.optim.rows import RowSource, block_bounds, block_statistics, full_statistic_
+from ngcuda.optim import rows as rows_module
+from ngcuda.optim.rows import RowSource, block_bounds, block_statistics, csr_transpose, full_statistic_
 from ngcuda.optim.structure import (Block, Diag, LayerShape, LowRank, choose_structure,
                                     parse_structure)
 
@@ -248,6 +249,19 @@ def test_row_source_drops_stored_zeros(adj, index_dtype):
         assert rel_err(blk, A[j0:j1, j0:j1]) <= TOL
     dense_x = x.to_sparse_csr()
     assert RowSource(dense_x, a, True).x is dense_x  # nothing to drop: the same tensor
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_csr_transpose(cache):
+    # the transpose used off the CPU; an x built for one step (stored zeros dropped) is not cached
+    torch.manual_seed(3)
+    x = (torch.randn(17, 6, dtype=torch.float64) * (torch.rand(17, 6) < 0.4)).to_sparse_csr()
+    rows_module._TRANSPOSE_CACHE.clear()
+    t = csr_transpose(x, cache)
+    assert torch.equal(t.to_dense(), x.to_dense().T)
+    assert len(rows_module._TRANSPOSE_CACHE) == int(cache)
+    assert torch.equal(csr_transpose(x, cache).to_dense(), x.to_dense().T)  # a hit, when cached
+    rows_module._TRANSPOSE_CACHE.clear()
 
 
 @pytest.mark.parametrize("structure", ["full", "block:4", "lowrank:13", "diag"])

@@ -40,12 +40,13 @@ def is_csr(x: Tensor) -> bool:
     return x.layout == torch.sparse_csr
 
 
-def spmm(a: Tensor, b: Tensor, transpose: bool = False) -> Tensor:
+def spmm(a: Tensor, b: Tensor, transpose: bool = False, cache: bool = True) -> Tensor:
     """``a @ b`` (or ``aᵀ @ b``) for a CSR ``a`` and a dense ``b``.
 
     On the CPU this goes through scipy, whose single-threaded CSR/CSC kernels were 3–8× faster
     than ``torch.sparse.mm`` on this project's 2-core machine (Coauthor Physics, p = 16…64);
-    elsewhere torch.sparse.mm (with a cached transpose pattern for ``aᵀ``).
+    elsewhere torch.sparse.mm with ``aᵀ``'s pattern cached, unless ``cache`` is False (an ``a``
+    built for one step only would fill the cache with patterns never asked for again).
     """
     if a.device.type == "cpu" and b.dtype in (torch.float32, torch.float64):
         import scipy.sparse as sp
@@ -57,14 +58,15 @@ def spmm(a: Tensor, b: Tensor, transpose: bool = False) -> Tensor:
             m = m.astype(bn.dtype)
         out = (m.T @ bn) if transpose else (m @ bn)
         return torch.from_numpy(out)
-    return torch.sparse.mm(csr_transpose(a) if transpose else a, b.contiguous())
+    return torch.sparse.mm(csr_transpose(a, cache) if transpose else a, b.contiguous())
 
 
-def csr_transpose(x: Tensor) -> Tensor:
-    """``xᵀ`` as a CSR tensor ``[d, N]`` for a CSR ``x`` ``[N, d]``; the pattern is cached."""
+def csr_transpose(x: Tensor, cache: bool = True) -> Tensor:
+    """``xᵀ`` as a CSR tensor ``[d, N]`` for a CSR ``x`` ``[N, d]``; the pattern is cached unless
+    ``cache`` is False."""
     crow, col, val = x.crow_indices(), x.col_indices(), x.values()
     key = (crow.data_ptr(), col.data_ptr(), tuple(x.shape), col.numel(), str(x.device))
-    hit = _TRANSPOSE_CACHE.get(key)
+    hit = _TRANSPOSE_CACHE.get(key) if cache else None
     # the cached index tensors are kept alive with the entry, so their pointers stay unique
     if hit is None or hit[3] is not crow and not torch.equal(hit[3], crow):
         n, d = x.shape
@@ -73,10 +75,11 @@ def csr_transpose(x: Tensor) -> Tensor:
         counts = torch.bincount(col, minlength=d)
         crow_t = torch.zeros(d + 1, dtype=torch.long, device=col.device)
         torch.cumsum(counts, 0, out=crow_t[1:])
-        if len(_TRANSPOSE_CACHE) > 8:
-            _TRANSPOSE_CACHE.clear()
         hit = (crow_t, rows[perm].contiguous(), perm, crow, col)
-        _TRANSPOSE_CACHE[key] = hit
+        if cache:
+            if len(_TRANSPOSE_CACHE) > 8:
+                _TRANSPOSE_CACHE.clear()
+            _TRANSPOSE_CACHE[key] = hit
     crow_t, col_t, perm = hit[0], hit[1], hit[2]
     return torch.sparse_csr_tensor(crow_t, col_t, val[perm], size=(x.shape[1], x.shape[0]),
                                    check_invariants=False)
@@ -139,6 +142,7 @@ class RowSource:
 
     def __init__(self, x: Tensor, adj: Optional[Tensor], bias: bool) -> None:
         self.x = drop_stored_zeros(x) if is_csr(x) else x
+        self._own_x = self.x is not x  # built here, for this statistic only
         self.adj = adj
         self.bias = bias
 
@@ -175,7 +179,8 @@ class RowSource:
     def _backward(self, z: Tensor) -> Tensor:
         """``X̄ᵀ Z``: [D, p] for Z [R, p]."""
         t = z if self.adj is None else spmm(self.adj, z, transpose=True)
-        top = (t.T @ self.x).T if not is_csr(self.x) else spmm(self.x, t, transpose=True)
+        top = ((t.T @ self.x).T if not is_csr(self.x)
+               else spmm(self.x, t, transpose=True, cache=not self._own_x))
         if self.bias:
             top = torch.cat([top, z.sum(0, keepdim=True)])
         return top
