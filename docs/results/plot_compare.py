@@ -2,8 +2,9 @@
 
     python docs/results/plot_compare.py OUT.png TITLE LABEL=runs/a/metrics.json LABEL2=runs/b/metrics.json
 
-Each metrics.json contributes one line per optimizer (labelled "LABEL optimizer"), the mean over its
-seeds of the training loss and of the validation accuracy, against epochs.
+Each metrics.json contributes one line per optimizer (labelled "LABEL optimizer", or just "optimizer"
+for the LABEL -), the mean over its seeds of the training loss and of the validation accuracy,
+against epochs.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def main(out: str, title: str, specs: list[str]) -> None:
             ep = np.arange(1, n + 1)
             for ax, key in zip(axes, ("train_loss", "val_acc")):
                 ax.plot(ep, np.mean([[r[key] for r in h[:n]] for h in mine], 0), styles[k % 4],
-                        color=f"C{j}", label=f"{label} {name}")
+                        color=f"C{j}", label=name if label == "-" else f"{label} {name}")
     axes[0].set_yscale("log")
     for ax, lab in zip(axes, ("training loss", "validation accuracy")):
         ax.set_xlabel("epoch")
