@@ -61,6 +61,12 @@ def spmm(a: Tensor, b: Tensor, transpose: bool = False, cache: bool = True) -> T
     return torch.sparse.mm(csr_transpose(a, cache) if transpose else a, b.contiguous())
 
 
+def csr_row_ids(x: Tensor) -> Tensor:
+    """The row of each stored entry of a CSR ``x`` [N, d]: int64 [nnz]."""
+    crow = x.crow_indices()
+    return torch.repeat_interleave(torch.arange(x.shape[0], device=crow.device), crow[1:] - crow[:-1])
+
+
 def csr_transpose(x: Tensor, cache: bool = True) -> Tensor:
     """``xᵀ`` as a CSR tensor ``[d, N]`` for a CSR ``x`` ``[N, d]``; the pattern is cached unless
     ``cache`` is False."""
@@ -70,7 +76,7 @@ def csr_transpose(x: Tensor, cache: bool = True) -> Tensor:
     # the cached index tensors are kept alive with the entry, so their pointers stay unique
     if hit is None or hit[3] is not crow and not torch.equal(hit[3], crow):
         n, d = x.shape
-        rows = torch.repeat_interleave(torch.arange(n, device=col.device), crow[1:] - crow[:-1])
+        rows = csr_row_ids(x)
         perm = torch.argsort(col * n + rows)
         counts = torch.bincount(col, minlength=d)
         crow_t = torch.zeros(d + 1, dtype=torch.long, device=col.device)
@@ -114,7 +120,7 @@ def summed_duplicates(x: Tensor) -> tuple[Tensor, Tensor]:
     increasing[row_starts[(row_starts > 0) & (row_starts < col.numel())] - 1] = True
     if bool(increasing.all()):
         return col, val
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=col.device), crow[1:] - crow[:-1])
+    rows = csr_row_ids(x)
     c = torch.sparse_coo_tensor(torch.stack([rows, col.long()]), val, tuple(x.shape),
                                 check_invariants=False).coalesce()
     return c.indices()[1], c.values()
@@ -197,7 +203,7 @@ class RowSource:
         else:
             z = x
         if is_csr(z):
-            col, val = summed_duplicates(z)
+            col, val = summed_duplicates(z)  # torch's sparse ÂX may repeat a column too
             out = torch.zeros(self.d, dtype=z.dtype, device=z.device)
             out.index_add_(0, col, val.square())
         else:
