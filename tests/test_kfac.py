@@ -316,6 +316,40 @@ def _gcn_run(model, opt, x, ei, y, mask, steps):
         opt.step()
 
 
+def test_decoupled_weight_decay_shrinks_weights_outside_the_preconditioner():
+    x, ei, y, mask = small_graph(n=15, e=30, fin=5, seed=3)
+    lr, wd = 0.05, 0.02
+    torch.manual_seed(0)
+    base = TinyGCN(5, 6, 3).double()
+    runs = {}
+    for name, kw in (("decoupled", dict(weight_decay=wd, decoupled_weight_decay=True)),
+                     ("none", dict(weight_decay=0.0)), ("coupled", dict(weight_decay=wd))):
+        model = copy.deepcopy(base)
+        opt = ngcuda.KFAC(model, lr=lr, damping=0.05, momentum=0.9, kl_clip=1e-3, inverse_every=1,
+                          fisher_type="empirical", **kw)
+        _gcn_run(model, opt, x, ei, y, mask, 1)
+        runs[name] = (model, opt)
+    w0 = base.conv1.lin.weight.detach()
+    dec, plain, cpl = (runs[k][0].conv1.lin.weight.detach() for k in ("decoupled", "none", "coupled"))
+    # θ₁ = (1 − lr·η) θ₀ − lr·d, with d the (clipped, preconditioned) direction of the undecayed run
+    torch.testing.assert_close(dec, plain - lr * wd * w0, rtol=0, atol=1e-14)
+    st_dec = runs["decoupled"][1].state[runs["decoupled"][0].conv1.lin.weight]
+    st_plain = runs["none"][1].state[runs["none"][0].conv1.lin.weight]
+    assert torch.equal(st_dec["momentum_buffer"], st_plain["momentum_buffer"])
+    assert (cpl - dec).abs().max() > 1e-6  # the L2 form goes through the preconditioner instead
+    g = runs["none"][0].conv1.lin.weight.grad
+    assert (plain - (w0 - lr * g)).abs().max() > 1e-6  # the step was preconditioned
+
+
+def test_decoupled_weight_decay_rejects_a_base_optimizer_and_non_bools():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="base_optimizer"):
+        ngcuda.KFAC(model, weight_decay=1e-3, decoupled_weight_decay=True,
+                    base_optimizer=torch.optim.Adam(model.parameters()))
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        ngcuda.KFAC(model, decoupled_weight_decay="yes")
+
+
 @pytest.mark.parametrize("mode", ["sgd", "adam", "ekfac"])
 def test_checkpoint_resume_is_bitwise_identical(mode):
     x, ei, y, mask = small_graph(n=15, e=30, fin=5, seed=7)

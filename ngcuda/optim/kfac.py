@@ -135,7 +135,11 @@ class KFAC(torch.optim.Optimizer):
         lr: learning rate (ignored with ``base_optimizer``, which has its own).
         damping: Tikhonov γ, exact in the eigenbasis: ``(A⊗G + γI)⁻¹``.
         momentum: heavy-ball momentum on the preconditioned update (standalone mode).
-        weight_decay: η; ``η θ`` is ADDED TO THE GRADIENT BEFORE PRECONDITIONING.
+        weight_decay: η; ``η θ`` is ADDED TO THE GRADIENT BEFORE PRECONDITIONING (an L2 penalty),
+            unless ``decoupled_weight_decay``.
+        decoupled_weight_decay: decay the weights directly, ``θ ← (1 − lr·η) θ``, outside the
+            preconditioner, the momentum and the KL clip (as AdamW / SGDW; Zhang et al. 2019 found it
+            the better regulariser for K-FAC). Standalone mode only: a base optimizer decays its own.
         factor_decay: moving-average decay ε of A and G.
         factor_every, inverse_every: factor refresh / eigendecomposition periods (in steps).
         kl_clip: κ of the KL trust region; None or 0 turns clipping off.
@@ -174,6 +178,7 @@ class KFAC(torch.optim.Optimizer):
         damping: Hyper = 1e-2,
         momentum: Hyper = 0.0,
         weight_decay: Hyper = 0.0,
+        decoupled_weight_decay: bool = False,
         factor_decay: Hyper = 0.95,
         factor_every: Union[int, Callable[[int], int]] = 1,
         inverse_every: Union[int, Callable[[int], int]] = 10,
@@ -209,11 +214,16 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("adaptive_damping needs a float damping, not a callable")
         if base_optimizer is not None and not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer")
+        if not isinstance(decoupled_weight_decay, bool):
+            raise TypeError(f"decoupled_weight_decay must be a bool, got {decoupled_weight_decay!r}")
+        if decoupled_weight_decay and base_optimizer is not None:
+            raise ValueError("decoupled_weight_decay applies to the standalone update; with a "
+                             "base_optimizer, let it decay the weights (e.g. torch.optim.AdamW)")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameters that require grad")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
-                        kl_clip=kl_clip)
+                        kl_clip=kl_clip, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
 
         self.model = model
@@ -827,7 +837,7 @@ class KFAC(torch.optim.Optimizer):
             group = groups[id(layer.weight)]
             g = layer.grad_matrix()
             wd = float(_resolve(group["weight_decay"], t))
-            if wd:
+            if wd and not group.get("decoupled_weight_decay", False):
                 g = torch.add(g, layer.param_matrix(), alpha=wd)
             damping = float(_resolve(group["damping"], t))
             if shared:
@@ -876,12 +886,13 @@ class KFAC(torch.optim.Optimizer):
             lr = float(_resolve(group["lr"], t))
             mom = float(_resolve(group["momentum"], t))
             wd = float(_resolve(group["weight_decay"], t))
+            decoupled = group.get("decoupled_weight_decay", False)
             for p in group["params"]:
                 if p.grad is None or id(p) in bad:
                     continue
                 d = updates.get(id(p))
                 if d is None:
-                    d = p.grad if not wd else p.grad + wd * p.detach()
+                    d = p.grad if not wd or decoupled else p.grad + wd * p.detach()
                 if mom:
                     st = self.state[p]
                     buf = st.get("momentum_buffer")
@@ -890,6 +901,8 @@ class KFAC(torch.optim.Optimizer):
                     else:
                         buf.mul_(mom).add_(d)
                     d = buf
+                if wd and decoupled:
+                    p.mul_(1.0 - lr * wd)
                 p.add_(d, alpha=-lr)
 
     def _apply_base(self, updates: dict[int, Tensor], bad: set[int]) -> None:
