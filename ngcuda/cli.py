@@ -212,6 +212,11 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     g.add_argument("--gcn-factoring", choices=("aggregated", "input"), default=None,
                    help="K-FAC factors of a GCNConv: aggregated (default; A from ÂH and G at Z = ÂHW + b, "
                    "as Izadi et al.) or input (its Linear alone: A from H, G at HW; layers conv1.lin, ...)")
+    g.add_argument("--adaptive-damping", action="store_true",
+                   help="K-FAC variants: adapt the damping every 5 steps by the Levenberg-Marquardt rule "
+                   "(Martens & Grosse 2015), at the cost of one more forward and backward pass on those steps")
+    g.add_argument("--ekfac", action="store_true",
+                   help="K-FAC variants: eigenvalue-corrected K-FAC (George et al. 2018)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default runs/<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -354,7 +359,8 @@ def _optimizer_config(args: argparse.Namespace, task: str, weight_decay: float):
         lr=args.lr, momentum=args.momentum, weight_decay=_with_default(args.weight_decay, weight_decay),
         damping=args.damping, factor_decay=args.factor_decay, factor_every=args.factor_every,
         inverse_every=args.inverse_every, kl_clip=args.kl_clip, fisher_type=args.fisher_type,
-        factor_structure=args.factor_structure, gcn_factoring=getattr(args, "gcn_factoring", None), task=task,
+        factor_structure=args.factor_structure, gcn_factoring=getattr(args, "gcn_factoring", None),
+        adaptive_damping=args.adaptive_damping, ekfac=args.ekfac, task=task,
     )
 
 
@@ -433,6 +439,9 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--split {args.split}: {args.dataset} has only the random split (20/30 per class)")
     if args.distributed and args.pseudo_label_gamma is not None:
         parser.error("--pseudo-label-gamma is not supported with --distributed")
+    for flag in ("adaptive_damping", "ekfac"):
+        if args.distributed and getattr(args, flag):
+            parser.error(f"--{flag.replace('_', '-')} is not supported with --distributed")
     optimizers = args.optimizers or ["kfac", "adam"]
     seeds = args.seeds or [0]
     _check_optimizers(parser, optimizers)

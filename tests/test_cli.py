@@ -46,6 +46,8 @@ def _one_thread(one_thread):
         (["train", "--factor-structure", "conv1:diag,conv2"], "unknown factor structure"),
         (["train", "--factor-structure", "=diag"], "LAYER=STRUCTURE"),
         (["train", "--gcn-factoring", "both"], "invalid choice"),
+        (["train", "--distributed", "--adaptive-damping"], "--adaptive-damping is not supported with --distributed"),
+        (["train", "--distributed", "--ekfac"], "--ekfac is not supported with --distributed"),
     ],
 )
 def test_argument_errors(argv, message, capsys):

@@ -11,6 +11,7 @@ from torch import nn
 from ..models import Autoencoder
 from .loop import minibatch_epochs
 from .optimizers import OptimizerConfig, make_optimizer
+from .step import optimizer_step
 
 
 @dataclass
@@ -28,17 +29,17 @@ def ae_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def ae_train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor
 ) -> float:
-    """One minibatch step; returns the loss before it. The one place that touches the optimizer; an
-    optimizer with `set_outputs` (ngcuda.KFAC) gets the logits and the Bernoulli likelihood first."""
+    """One minibatch step; returns the loss before it. An optimizer with `set_outputs` (ngcuda.KFAC)
+    gets the logits and the Bernoulli likelihood first."""
     model.train()
-    optimizer.zero_grad(set_to_none=True)
-    logits = model(batch)
-    if hasattr(optimizer, "set_outputs"):
-        optimizer.set_outputs(logits, likelihood="bernoulli")
-    loss = ae_loss(logits, batch)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+
+    def forward() -> torch.Tensor:
+        logits = model(batch)
+        if hasattr(optimizer, "set_outputs"):
+            optimizer.set_outputs(logits, likelihood="bernoulli")
+        return ae_loss(logits, batch)
+
+    return optimizer_step(optimizer, forward)
 
 
 @torch.no_grad()

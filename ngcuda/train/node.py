@@ -24,6 +24,7 @@ from ..models import build_gnn
 from .loop import sync
 from .optimizers import OptimizerConfig, make_optimizer
 from .sampling import TorchNeighborSampler, rank_share, uncache_gcn
+from .step import optimizer_step
 
 
 @dataclass
@@ -46,14 +47,31 @@ def pseudo_label_weight(epoch: int, epochs: int, gamma: float | None) -> float:
     return 0.0 if gamma is None else (epoch / epochs) ** gamma
 
 
-def node_loss(logits: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor, lam: float = 0.0) -> torch.Tensor:
-    """Cross-entropy on the training nodes, plus lam × cross-entropy of every other node against its own
-    (detached) argmax prediction. logits [N, C], y [N], train_mask [N] bool."""
+def node_loss(logits: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor, lam: float = 0.0,
+              pseudo: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on the training nodes, plus lam × cross-entropy of every other node against its
+    pseudo-label: `pseudo` [N] if given, else its own (detached) argmax prediction. logits [N, C], y [N],
+    train_mask [N] bool."""
     loss = F.cross_entropy(logits[train_mask], y[train_mask])
     if lam > 0:
         rest = ~train_mask
-        pseudo = logits.detach().argmax(1)
+        if pseudo is None:
+            pseudo = logits.detach().argmax(1)
         loss = loss + lam * F.cross_entropy(logits[rest], pseudo[rest])
+    return loss
+
+
+def step_loss(y: torch.Tensor, train_mask: torch.Tensor, lam: float = 0.0
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """node_loss for one step: the pseudo-labels of its first call are kept for later calls, so a
+    re-evaluation after the update (K-FAC's damping adaptation) scores the same targets."""
+    pseudo: list[torch.Tensor] = []
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        if lam > 0 and not pseudo:
+            pseudo.append(logits.detach().argmax(1))
+        return node_loss(logits, y, train_mask, lam, pseudo[0] if pseudo else None)
+
     return loss
 
 
@@ -76,19 +94,20 @@ def train_step(
 ) -> float:
     """One full-batch step: forward, loss, backward, optimizer step. Returns the loss before the step.
 
-    The one place that touches the optimizer. An optimizer with `set_outputs` (ngcuda.KFAC) gets the
-    logits, the categorical likelihood and `rows` ([N] row weights of the loss) before the backward, so it
-    can take its true-Fisher pass.
+    An optimizer with `set_outputs` (ngcuda.KFAC) gets the logits, the categorical likelihood and `rows`
+    ([N] row weights of the loss) before the backward, so it can take its true-Fisher pass. The forward
+    and `loss_fn` run twice on steps where K-FAC adapts its damping (`optimizer_step`), so `loss_fn`
+    must score the same targets both times (`step_loss`).
     """
     model.train()
-    optimizer.zero_grad(set_to_none=True)
-    logits = model(x, edge_index)
-    if hasattr(optimizer, "set_outputs"):
-        optimizer.set_outputs(logits, likelihood="categorical", mask=rows)
-    loss = loss_fn(logits)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+
+    def forward() -> torch.Tensor:
+        logits = model(x, edge_index)
+        if hasattr(optimizer, "set_outputs"):
+            optimizer.set_outputs(logits, likelihood="categorical", mask=rows)
+        return loss_fn(logits)
+
+    return optimizer_step(optimizer, forward)
 
 
 @torch.no_grad()
@@ -209,7 +228,7 @@ def train_node_classifier(
             loss = _minibatch_epoch(net, optimizer, loader, device)
         else:
             loss = train_step(
-                net, optimizer, x, graph.edge_index, lambda z: node_loss(z, graph.y, train_mask, lam),
+                net, optimizer, x, graph.edge_index, step_loss(graph.y, train_mask, lam),
                 loss_row_weights(train_mask, lam),
             )
         sync(device)

@@ -51,6 +51,8 @@ class OptimizerConfig:
     factor_structure: str | None = None
     fisher_type: str | None = None
     gcn_factoring: str | None = None
+    adaptive_damping: bool = False
+    ekfac: bool = False
     task: str = "gnn"
 
     def for_optimizer(self, name: str) -> "OptimizerConfig":
@@ -129,7 +131,8 @@ def make_optimizer(
     kfac-adam: ngcuda.KFAC preconditioning the gradient for an inner Adam (lr, weight_decay).
     kfac-sgd:  the same with SGD (lr, momentum).
     K-FAC options left None take KFAC_DEFAULTS[cfg.task], else are not passed, so ngcuda.KFAC's defaults
-    apply; `seed` seeds K-FAC's sampling of true-Fisher targets (when ngcuda.KFAC takes a seed).
+    apply; adaptive_damping and ekfac apply to every K-FAC variant; `seed` seeds K-FAC's sampling of
+    true-Fisher targets (when ngcuda.KFAC takes a seed).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
@@ -153,6 +156,7 @@ def make_optimizer(
                   "fisher_type", "gcn_factoring")
         if cfg.kfac_option(k) is not None
     }
+    kfac_opts.update({k: True for k in ("adaptive_damping", "ekfac") if getattr(cfg, k)})
     if seed is not None and "seed" in inspect.signature(ngcuda.KFAC).parameters:
         kfac_opts["seed"] = seed
     if name == "kfac":

@@ -44,6 +44,7 @@ from torch import nn
 from ..models import VAE
 from .loop import minibatch_epochs
 from .optimizers import OptimizerConfig, make_optimizer
+from .step import optimizer_step
 
 EVAL_SEED = 1234  # the noise ε of every evaluation: the same for every epoch and optimizer
 
@@ -84,15 +85,15 @@ def vae_train_step(model: VAE, optimizer: torch.optim.Optimizer, batch: torch.Te
     """One minibatch step; returns the negative ELBO before it. An optimizer with `set_outputs`
     (ngcuda.KFAC) gets the decoder logits with the Bernoulli likelihood and the KL curvature first."""
     model.train()
-    optimizer.zero_grad(set_to_none=True)
-    logits, mu, logvar = model(batch)
-    if hasattr(optimizer, "set_outputs"):
-        extra = kl_hessian_terms(mu, logvar) if kl_curvature else []
-        optimizer.set_outputs(logits, likelihood="bernoulli", extra_terms=extra)
-    loss = negative_elbo(logits, batch, mu, logvar)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+
+    def forward() -> torch.Tensor:
+        logits, mu, logvar = model(batch)
+        if hasattr(optimizer, "set_outputs"):
+            extra = kl_hessian_terms(mu, logvar) if kl_curvature else []
+            optimizer.set_outputs(logits, likelihood="bernoulli", extra_terms=extra)
+        return negative_elbo(logits, batch, mu, logvar)
+
+    return optimizer_step(optimizer, forward)
 
 
 @torch.no_grad()

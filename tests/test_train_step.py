@@ -1,0 +1,130 @@
+"""The training commands' optimizer step: a closure for K-FAC's damping adaptation that repeats the
+step's dropout masks and pseudo-labels, and the --adaptive-damping / --ekfac flags."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("torch_geometric")
+
+import ngcuda  # noqa: E402
+from ngcuda.cli import main  # noqa: E402
+from ngcuda.models import build_gnn  # noqa: E402
+from ngcuda.train.node import node_loss, step_loss, train_step  # noqa: E402
+from ngcuda.train.optimizers import kfac_available  # noqa: E402
+from ngcuda.train.step import optimizer_step  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_kfac = pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
+
+
+class TwiceEvaluating(torch.optim.SGD):
+    """Evaluates the closure twice, as K-FAC does on a damping-adaptation step, without moving."""
+
+    adaptive_damping = True
+
+    def __init__(self, params) -> None:
+        super().__init__(params, lr=0.0)
+        self.losses: list[float] = []
+
+    def step(self, closure=None):
+        loss = closure()
+        self.losses.append(float(loss.detach()))
+        self.losses.append(float(closure().detach()))
+        return loss
+
+
+def _dropout_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+
+
+def test_reevaluation_repeats_the_dropout_mask_and_leaves_the_stream_where_one_pass_does():
+    net = _dropout_net()
+    x, y = torch.randn(64, 6, dtype=torch.float32), torch.randint(0, 3, (64,))
+    forward = lambda: F.cross_entropy(net(x), y)  # noqa: E731
+
+    torch.manual_seed(7)
+    plain = optimizer_step(torch.optim.SGD(net.parameters(), lr=0.0), forward)
+    next_plain = torch.rand(4)
+
+    opt = TwiceEvaluating(net.parameters())
+    torch.manual_seed(7)
+    loss = optimizer_step(opt, forward)
+    next_twice = torch.rand(4)
+    assert loss == plain and opt.losses == [plain, plain]
+    torch.testing.assert_close(next_twice, next_plain, rtol=0, atol=0)
+    # the check has teeth: two draws of the dropout mask give two different losses
+    assert float(forward()) != float(forward())
+
+
+def test_step_loss_keeps_the_first_calls_pseudo_labels():
+    gen = torch.Generator().manual_seed(1)
+    first = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    second = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    assert not torch.equal(first.argmax(1), second.argmax(1))
+    y = torch.randint(0, 4, (10,), generator=gen)
+    train = torch.zeros(10, dtype=torch.bool)
+    train[:3] = True
+    loss = step_loss(y, train, 0.5)
+    torch.testing.assert_close(loss(first), node_loss(first, y, train, 0.5))
+    kept = node_loss(second, y, train, 0.5, pseudo=first.argmax(1))
+    torch.testing.assert_close(loss(second), kept)
+    assert not torch.allclose(kept, node_loss(second, y, train, 0.5))
+    # without pseudo-labels there is nothing to keep
+    torch.testing.assert_close(step_loss(y, train)(second), node_loss(second, y, train))
+
+
+@needs_kfac
+def test_damping_adaptation_under_dropout_sees_a_trustworthy_model():
+    # Tiny steps under a large damping: the quadratic model predicts the loss change (ρ ≈ 1) only
+    # if both evaluations use the same dropout mask; with fresh masks ρ is noise.
+    n, f, c = 40, 12, 3
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(n, f, generator=gen).round()
+    ei = torch.randint(0, n, (2, 160), generator=gen)
+    y = torch.randint(0, c, (n,), generator=gen)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[:20] = True
+    torch.manual_seed(0)
+    model = build_gnn("gcn", f, c, hidden=8, dropout=0.5)
+    opt = ngcuda.KFAC(model, lr=0.05, damping=10.0, kl_clip=None, fisher_type="empirical",
+                      adaptive_damping=True, lm=ngcuda.optim.LMConfig(interval=1))
+    rhos = []
+    for _ in range(4):
+        train_step(model, opt, x, ei, step_loss(y, mask, 0.3), mask.float())
+        rhos.append(opt.last_rho)
+    assert all(0.75 < r < 1.25 for r in rhos), rhos
+    assert opt.param_groups[0]["damping"] == pytest.approx(10.0 * (19 / 20) ** 4)
+
+
+@needs_kfac
+@pytest.mark.parametrize("command", ["train", "train-ae"])
+def test_adaptive_damping_and_ekfac_flags_reach_kfac(tmp_path, monkeypatch, command):
+    import ngcuda.train.autoencoder as autoencoder
+    import ngcuda.train.node as node
+
+    module = node if command == "train" else autoencoder
+    made = []
+    real_make = module.make_optimizer
+
+    def make(name, model, cfg, seed=None):
+        made.append(real_make(name, model, cfg, seed=seed))
+        return made[-1]
+
+    monkeypatch.setattr(module, "make_optimizer", make)
+    out = tmp_path / command
+    extra = ["--train-size", "300", "--batch-size", "100"] if command == "train-ae" else []
+    epochs = "10" if command == "train" else "4"
+    assert main([command, "--optimizers", "kfac,kfac-adam,adam", "--epochs", epochs, "--device", "cpu",
+                 "--adaptive-damping", "--ekfac", "--out", str(out), "--quiet", *extra]) == 0
+    kfacs = [o for o in made if isinstance(o, ngcuda.KFAC)]
+    assert len(kfacs) == 2 and all(o.adaptive_damping and o.ekfac for o in kfacs)
+    assert all(hasattr(o, "last_rho") for o in kfacs)  # the closure reached step()
+    loss = "train_loss" if command == "train" else "train_bce"
+    for run in json.loads((out / "metrics.json").read_text())["runs"]:
+        assert run["history"][-1][loss] < run["history"][0][loss], run["optimizer"]
