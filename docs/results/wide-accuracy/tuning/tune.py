@@ -1,7 +1,7 @@
 """Validation-only tuning of kfac (auto structure): prints the highest validation accuracy and the lowest validation loss per config (mean over seeds),
 never test accuracy. usage (from the repository root): PYTHONPATH=. python docs/results/wide-accuracy/tuning/tune.py DATASET SEEDS CONFIGS_JSON OUTFILE
 Configs are OptimizerConfig fields (optimizer defaults to kfac), weight decay 5e-4 unless given,
-plus "kfac": {ngcuda.KFAC keyword: value} for options the main job does not expose (e.g. ekfac), momentum 0.9, one torch thread."""
+plus "kfac": {ngcuda.KFAC keyword: value} for options the main job does not expose (e.g. decoupled_weight_decay), momentum 0.9, one torch thread."""
 import functools, json, sys, time, torch
 import ngcuda
 from ngcuda import KFAC
