@@ -30,7 +30,7 @@ SEEDS = (100, 101, 102)
 # A configuration: optimizer name plus the NodeConfig / OptimizerConfig fields it sets.
 NODE_KEYS = ("input_dropout", "pseudo_label_gamma", "dropout", "epochs")
 OPT_KEYS = ("lr", "damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "fisher_type",
-            "weight_decay", "momentum", "factor_structure", "gcn_factoring")
+            "weight_decay", "momentum", "factor_structure", "gcn_factoring", "adaptive_damping")
 
 
 def grid(**axes):
@@ -114,6 +114,16 @@ def configs(stage: str) -> list[dict]:
         for damping in (1.0, 0.3):
             out.append(dict(optimizer="kfac-adam", pseudo_label_gamma=2.0 if damping == 1.0 else 3.0, **base,
                             damping=damping, fisher_type="empirical", kl_clip=0.0, **IZADI))
+    elif stage == "adaptive":
+        # Levenberg-Marquardt damping (--adaptive-damping) on the reported kfac and kfac-adam settings,
+        # both GCN factorings, pseudo-labels gamma = 3, no input dropout.
+        kfac = dict(damping=1e-2, lr=0.05, kl_clip=1e-3, fisher_type="true", **OFTEN)
+        for factoring in ("aggregated", "input"):
+            base = dict(input_dropout=False, pseudo_label_gamma=3.0, gcn_factoring=factoring,
+                        factor_structure="full", adaptive_damping=True)
+            out.append(dict(optimizer="kfac", **base, **kfac))
+            out.append(dict(optimizer="kfac-adam", **base, damping=1.0, fisher_type="empirical", kl_clip=0.0,
+                            **IZADI))
     else:
         raise SystemExit(f"unknown stage {stage!r}")
     return out
