@@ -103,12 +103,13 @@ def test_damping_adaptation_under_dropout_sees_a_trustworthy_model():
 
 
 @needs_kfac
-@pytest.mark.parametrize("command", ["train", "train-ae"])
+@pytest.mark.parametrize("command", ["train", "train-ae", "train-vae"])
 def test_adaptive_damping_and_ekfac_flags_reach_kfac(tmp_path, monkeypatch, command):
     import ngcuda.train.autoencoder as autoencoder
     import ngcuda.train.node as node
+    import ngcuda.train.vae as vae
 
-    module = node if command == "train" else autoencoder
+    module = {"train": node, "train-ae": autoencoder, "train-vae": vae}[command]
     made = []
     real_make = module.make_optimizer
 
@@ -118,13 +119,13 @@ def test_adaptive_damping_and_ekfac_flags_reach_kfac(tmp_path, monkeypatch, comm
 
     monkeypatch.setattr(module, "make_optimizer", make)
     out = tmp_path / command
-    extra = ["--train-size", "300", "--batch-size", "100"] if command == "train-ae" else []
+    extra = [] if command == "train" else ["--train-size", "300", "--batch-size", "100"]
     epochs = "10" if command == "train" else "4"
     assert main([command, "--optimizers", "kfac,kfac-adam,adam", "--epochs", epochs, "--device", "cpu",
                  "--adaptive-damping", "--ekfac", "--out", str(out), "--quiet", *extra]) == 0
     kfacs = [o for o in made if isinstance(o, ngcuda.KFAC)]
     assert len(kfacs) == 2 and all(o.adaptive_damping and o.ekfac for o in kfacs)
     assert all(hasattr(o, "last_rho") for o in kfacs)  # the closure reached step()
-    loss = "train_loss" if command == "train" else "train_bce"
+    loss = {"train": "train_loss", "train-ae": "train_bce", "train-vae": "train_neg_elbo"}[command]
     for run in json.loads((out / "metrics.json").read_text())["runs"]:
         assert run["history"][-1][loss] < run["history"][0][loss], run["optimizer"]
