@@ -59,7 +59,7 @@ def test_reevaluation_repeats_the_dropout_mask_and_leaves_the_stream_where_one_p
     assert loss == plain and opt.losses == [plain, plain]
     torch.testing.assert_close(next_twice, next_plain, rtol=0, atol=0)
     # the check has teeth: two draws of the dropout mask give two different losses
-    assert float(forward()) != float(forward())
+    assert float(forward().detach()) != float(forward().detach())
 
 
 def test_step_loss_keeps_the_first_calls_pseudo_labels():

@@ -124,6 +124,9 @@ def configs(stage: str) -> list[dict]:
             out.append(dict(optimizer="kfac", **base, **kfac))
             out.append(dict(optimizer="kfac-adam", **base, damping=1.0, fisher_type="empirical", kl_clip=0.0,
                             **IZADI))
+        for factoring in ("aggregated", "input"):  # Kipf & Welling's input dropout, automatic structure
+            out.append(dict(optimizer="kfac", input_dropout=True, pseudo_label_gamma=3.0, gcn_factoring=factoring,
+                            factor_structure="auto", adaptive_damping=True, **kfac))
     else:
         raise SystemExit(f"unknown stage {stage!r}")
     return out
