@@ -214,7 +214,7 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
                    "as Izadi et al.) or input (its Linear alone: A from H, G at HW; layers conv1.lin, ...)")
     g.add_argument("--adaptive-damping", action="store_true",
                    help="K-FAC variants: adapt the damping every 5 steps by the Levenberg-Marquardt rule "
-                   "(Martens & Grosse 2015), at the cost of one more forward and backward pass on those steps")
+                   "(Martens & Grosse 2015), at the cost of one more forward pass on those steps")
     g.add_argument("--ekfac", action="store_true",
                    help="K-FAC variants: eigenvalue-corrected K-FAC (George et al. 2018)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default runs/<timestamp>/)")

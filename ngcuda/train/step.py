@@ -27,7 +27,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, forward: Callable[[], torch
     of it starts from the random state of the first one. Dropout masks and sampled noise then
     repeat, so ρ compares one loss at two points instead of two draws of a noisy loss, and the
     random stream after the step is where one evaluation leaves it (K-FAC's own sampling has its
-    own generator).
+    own generator). ρ needs only the value of the later calls, so they run without autograd and
+    leave the step's gradients in place.
     """
     if not getattr(optimizer, "adaptive_damping", False):
         optimizer.zero_grad(set_to_none=True)
@@ -36,9 +37,15 @@ def optimizer_step(optimizer: torch.optim.Optimizer, forward: Callable[[], torch
         optimizer.step()
         return float(loss.detach())
     start = _rng_state()
+    calls = 0
 
     def closure() -> torch.Tensor:
+        nonlocal calls
         _set_rng_state(start)
+        calls += 1
+        if calls > 1:
+            with torch.no_grad():
+                return forward()
         optimizer.zero_grad(set_to_none=True)
         loss = forward()
         loss.backward()
