@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-input-dropout", dest="input_dropout", action="store_false",
                    help="no dropout on the input features (Izadi et al.'s GCN; K-FAC then computes the first "
                    "layer's input factor once); default: dropout on the input too, as Kipf & Welling")
+    t.add_argument("--fisher-nodes", choices=("loss", "all"), default="loss",
+                   help="K-FAC's true Fisher over the loss's nodes (loss, default: the labelled ones, plus "
+                   "the pseudo-labelled ones at their weight) or over all nodes, labels sampled from the "
+                   "model (all; full batch only)")
     t.add_argument("--select", choices=SELECTIONS, default="val-acc",
                    help="model selection: report test accuracy at the epoch of best validation accuracy "
                    "(val-acc, default) or of lowest validation loss (val-loss, Izadi et al.)")
@@ -439,6 +443,9 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--split {args.split}: {args.dataset} has only the random split (20/30 per class)")
     if args.distributed and args.pseudo_label_gamma is not None:
         parser.error("--pseudo-label-gamma is not supported with --distributed")
+    if args.fisher_nodes == "all" and (args.distributed or args.batch_size):
+        parser.error("--fisher-nodes all needs a full-batch, single-process run "
+                     "(not --distributed or --batch-size)")
     for flag in ("adaptive_damping", "ekfac"):
         if args.distributed and getattr(args, flag):
             parser.error(f"--{flag.replace('_', '-')} is not supported with --distributed")
@@ -473,9 +480,15 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
         model=args.model, hidden=args.hidden, dropout=args.dropout, layers=layers, skip=args.skip,
         epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
         batch_size=args.batch_size, num_neighbors=args.num_neighbors,
-        input_dropout=args.input_dropout,
+        input_dropout=args.input_dropout, fisher_nodes=args.fisher_nodes,
     )
     opt_cfg = _optimizer_config(args, "gnn", weight_decay=5e-4)
+    if args.fisher_nodes == "all":
+        empirical = [n for n in optimizers if n.startswith("kfac")
+                     and opt_cfg.for_optimizer(n).kfac_option("fisher_type") == "empirical"]
+        if empirical:
+            parser.error(f"--fisher-nodes all needs the true Fisher; {','.join(empirical)} use the empirical "
+                         "one (see --fisher-type)")
     split = args.split or ("random" if args.dataset in NPZ_DATASETS else "public")
     try:
         if split == "random":  # one split per seed

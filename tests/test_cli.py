@@ -48,6 +48,10 @@ def _one_thread(one_thread):
         (["train", "--gcn-factoring", "both"], "invalid choice"),
         (["train", "--distributed", "--adaptive-damping"], "--adaptive-damping is not supported with --distributed"),
         (["train", "--distributed", "--ekfac"], "--ekfac is not supported with --distributed"),
+        (["train", "--fisher-nodes", "some"], "invalid choice"),
+        (["train", "--fisher-nodes", "all", "--batch-size", "8"], "full-batch, single-process"),
+        (["train", "--fisher-nodes", "all", "--optimizers", "kfac,kfac-adam", "--fisher-type",
+          "kfac-adam=empirical"], "kfac-adam use the empirical"),
     ],
 )
 def test_argument_errors(argv, message, capsys):

@@ -129,3 +129,72 @@ def test_adaptive_damping_and_ekfac_flags_reach_kfac(tmp_path, monkeypatch, comm
     loss = {"train": "train_loss", "train-ae": "train_bce", "train-vae": "train_neg_elbo"}[command]
     for run in json.loads((out / "metrics.json").read_text())["runs"]:
         assert run["history"][-1][loss] < run["history"][0][loss], run["optimizer"]
+
+
+def test_fisher_row_weights():
+    from ngcuda.train.node import fisher_row_weights, loss_row_weights
+
+    train = torch.tensor([True, False, True, False, False])
+    torch.testing.assert_close(fisher_row_weights(train, 0.25, "loss"), loss_row_weights(train, 0.25))
+    torch.testing.assert_close(fisher_row_weights(train, 0.25, "loss"),
+                               torch.tensor([1.0, 0.25, 1.0, 0.25, 0.25]))
+    torch.testing.assert_close(fisher_row_weights(train, 0.25, "all"), torch.ones(5))
+    torch.testing.assert_close(fisher_row_weights(train, 0.0, "all"), torch.ones(5))
+
+
+@needs_kfac
+@pytest.mark.parametrize("fisher_nodes", ["loss", "all"])
+def test_fisher_nodes_reach_kfac_set_outputs(tmp_path, monkeypatch, fisher_nodes):
+    import ngcuda.train.node as node
+
+    masks: list[torch.Tensor] = []
+    real_set_outputs = ngcuda.KFAC.set_outputs
+
+    def set_outputs(self, outputs, *args, mask=None, **kwargs):
+        masks.append(mask.clone())
+        return real_set_outputs(self, outputs, *args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(ngcuda.KFAC, "set_outputs", set_outputs)
+    out = tmp_path / fisher_nodes
+    assert main(["train", "--optimizers", "kfac,adam", "--epochs", "4", "--device", "cpu", "--quiet",
+                 "--pseudo-label-gamma", "1", "--fisher-nodes", fisher_nodes, "--out", str(out)]) == 0
+    from ngcuda.data import load_graph
+
+    graph = load_graph("cora", None, "public")
+    n, train = graph.num_nodes, graph.train_mask
+    assert len(masks) == 4 and all(m.shape == (n,) for m in masks)
+    for epoch, m in enumerate(masks, start=1):
+        expected = torch.ones(n) if fisher_nodes == "all" else node.loss_row_weights(train, epoch / 4)
+        torch.testing.assert_close(m, expected)
+    assert [r["optimizer"] for r in json.loads((out / "metrics.json").read_text())["runs"]] == ["kfac", "adam"]
+
+
+@needs_kfac
+def test_fisher_nodes_all_changes_the_output_factor_and_rejects_the_empirical_fisher():
+    import ngcuda.train.node as node
+    from ngcuda.data import load_graph
+    from ngcuda.train import NodeConfig, OptimizerConfig, train_node_classifier
+
+    graph = load_graph("cora", None, "public")
+    opt = OptimizerConfig(task="gnn", factor_structure="full")
+    factors = {}
+    real_make = node.make_optimizer
+    for nodes in ("loss", "all"):
+        made = []
+        node.make_optimizer = lambda *a, **k: made.append(real_make(*a, **k)) or made[-1]
+        try:
+            train_node_classifier(graph, "kfac", 0, NodeConfig(epochs=1, fisher_nodes=nodes), opt,
+                                  torch.device("cpu"))
+        finally:
+            node.make_optimizer = real_make
+        factors[nodes] = [st["G"].clone() for st in made[0].state.values() if "G" in st]
+    assert len(factors["loss"]) == 2
+    # with 140 labelled of 2708 nodes, averaging over all of them moves G far beyond rounding
+    assert all(rel := [float((a - b).norm() / a.norm()) for a, b in zip(factors["loss"], factors["all"])]), rel
+    assert min(rel) > 1e-2, rel
+    with pytest.raises(ValueError, match="true Fisher"):
+        train_node_classifier(graph, "kfac-adam", 0, NodeConfig(epochs=1, fisher_nodes="all"),
+                              OptimizerConfig(task="gnn", fisher_type="empirical"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="fisher_nodes must be one of"):
+        train_node_classifier(graph, "kfac", 0, NodeConfig(epochs=1, fisher_nodes="some"), opt,
+                              torch.device("cpu"))

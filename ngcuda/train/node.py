@@ -40,6 +40,10 @@ class NodeConfig:
     batch_size: int | None = None  # None: full batch; else seed nodes per NeighborLoader batch
     num_neighbors: tuple[int, ...] = (10, 10)  # sampled neighbours per hop (mini-batch)
     input_dropout: bool = True
+    fisher_nodes: str = "loss"  # K-FAC's true-Fisher rows: "loss" (the loss's weights) or "all" nodes
+
+
+FISHER_NODES = ("loss", "all")
 
 
 def pseudo_label_weight(epoch: int, epochs: int, gamma: float | None) -> float:
@@ -82,6 +86,16 @@ def loss_row_weights(train_mask: torch.Tensor, lam: float = 0.0) -> torch.Tensor
     if lam > 0:
         w = w + lam * (~train_mask).to(torch.float32)
     return w
+
+
+def fisher_row_weights(train_mask: torch.Tensor, lam: float, fisher_nodes: str) -> torch.Tensor:
+    """[N] row weights of K-FAC's Fisher. "loss": the loss's own (loss_row_weights). "all": 1 on every
+    node, labelled or not; the true Fisher samples its targets from the model, so it needs no label,
+    and this averages it over the whole graph (the input distribution of the transductive task)
+    rather than over the 20 labelled nodes per class."""
+    if fisher_nodes == "all":
+        return torch.ones(train_mask.shape, dtype=torch.float32, device=train_mask.device)
+    return loss_row_weights(train_mask, lam)
 
 
 def train_step(
@@ -187,6 +201,10 @@ def train_node_classifier(
     rank, world = rank_and_world()
     if world > 1 and cfg.pseudo_label_gamma is not None:
         raise ValueError("pseudo-labels are not supported in data-parallel runs")
+    if cfg.fisher_nodes not in FISHER_NODES:
+        raise ValueError(f"fisher_nodes must be one of {FISHER_NODES}, got {cfg.fisher_nodes!r}")
+    if cfg.fisher_nodes == "all" and (world > 1 or cfg.batch_size):
+        raise ValueError("fisher_nodes='all' needs a full-batch, single-process run")
     graph = graph.to(device)
     # Sparse CSR features stay sparse for the GCN models, K-FAC included: its factor structures
     # take CSR layer inputs (dense Coauthor Physics features would be 1.2 GB). The mini-batch
@@ -206,6 +224,9 @@ def train_node_classifier(
     if world > 1 and not optimizer_name.startswith("kfac"):
         net = nn.parallel.DistributedDataParallel(model)  # K-FAC averages its own (weighted by n)
     optimizer = make_optimizer(optimizer_name, model, opt_cfg, seed=seed)
+    if cfg.fisher_nodes == "all" and getattr(optimizer, "fisher_type", "true") != "true":
+        raise ValueError("fisher_nodes='all' needs the true Fisher: the empirical one has no gradient "
+                         "on unlabelled nodes")
     sampler = None
     if cfg.batch_size:
         from torch_geometric.data import Data
@@ -229,7 +250,7 @@ def train_node_classifier(
         else:
             loss = train_step(
                 net, optimizer, x, graph.edge_index, step_loss(graph.y, train_mask, lam),
-                loss_row_weights(train_mask, lam),
+                fisher_row_weights(train_mask, lam, cfg.fisher_nodes),
             )
         sync(device)
         seconds += time.perf_counter() - t0
