@@ -105,6 +105,17 @@ def test_wide_quick_json(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_wide_worker_adapts_damping_when_asked():
+    from benchmarks import bench_wide
+
+    rows = {flag: bench_wide._worker("cora", "diag", "", 5, 2, "aggregated", flag) for flag in (False, True)}
+    assert rows[False]["damping_after_warmup"] == 0.01  # ngcuda.KFAC's default, untouched
+    assert rows[False]["rho_after_warmup"] is None
+    assert math.isfinite(rows[True]["rho_after_warmup"])  # the closure reached the ρ rule
+    for r in rows.values():
+        assert math.isfinite(r["mean_ratio_vs_adam"]) and r["step_ms_mean"] > 0
+
+
 def test_unknown_benchmark_is_an_error(capsys):
     assert cli.main(["nope"]) == 2
     assert "benchmarks:" in capsys.readouterr().out
