@@ -20,6 +20,9 @@ inline void check_precondition_args(at::TensorList grads, at::TensorList QA, at:
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& g = grads[l];
     check_float(g, "grads[i]");
+    // One call runs on one device: the CUDA kernel reads every layer's pointers there.
+    TORCH_CHECK(g.device() == grads[0].device(), "ngcuda: precondition: grads[", l, "] is on ",
+                g.device(), " but grads[0] is on ", grads[0].device(), "; one call takes one device");
     TORCH_CHECK(g.dim() == 2, "ngcuda: grads[", l, "] must be 2-D [d_out, d_in(+1)], got shape ",
                 g.sym_sizes());
     const c10::SymInt dout = g.sym_size(0), din = g.sym_size(1);

@@ -211,6 +211,9 @@ def batched_eigh_with_status(
 
     ``status`` is an int32 [B] tensor on the matrices' device (see :class:`EighStatus`). Reading
     it synchronises a CUDA device, so callers may check it later with :func:`check_eigh_status`.
+    On CUDA a matrix with status ``NON_FINITE`` or ``SOLVER_FAILED`` gets NaN values and vectors,
+    and one with ``NOT_CONVERGED`` the last Jacobi iterate; the CPU kernel raises for a non-finite
+    input instead.
     """
     matrices = list(matrices)
     prev = None if prev_eigenvectors is None else list(prev_eigenvectors)

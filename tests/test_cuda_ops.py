@@ -208,6 +208,35 @@ def test_sparse_factor_update_invalid_csr_poisons_factor(rowptr, col):
     assert torch.isnan(f).all()
 
 
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_sparse_factor_update_bad_rowptr_on_a_weightless_row_poisons_factor(layout):
+    """A broken Â row pointer poisons the factor whether or not that row carries weight, for a
+    dense x and a sparse-CSR x alike."""
+    x = torch.randn(4, 3, device=DEV)
+    if layout == "csr":
+        x = x.to_sparse_csr()
+    w = torch.tensor([1.0, 1.0, 0.0], device=DEV)
+    f = torch.eye(4, device=DEV)
+    torch.ops.ngcuda.sparse_factor_update_(
+        f, torch.tensor([0, 2, 3, 7], device=DEV), torch.tensor([0, 1, 2, 3, 1], device=DEV), None,
+        x, 0.5, True, w)
+    assert torch.isnan(f).all()
+
+
+def test_sparse_factor_update_checks_columns_of_a_bias_only_factor():
+    """x with no columns: the factor is the bias entry alone, and an out-of-range column still
+    poisons it."""
+    x = torch.randn(10, 0, device=DEV)
+    good, bad = torch.ones(1, 1, device=DEV), torch.ones(1, 1, device=DEV)
+    rowptr = torch.tensor([0, 2, 3], device=DEV)
+    torch.ops.ngcuda.sparse_factor_update_(good, rowptr, torch.tensor([0, 9, 4], device=DEV), None, x,
+                                           0.5, True, None)
+    torch.testing.assert_close(good, torch.ones(1, 1, device=DEV))
+    torch.ops.ngcuda.sparse_factor_update_(bad, rowptr, torch.tensor([0, 10, 4], device=DEV), None, x,
+                                           0.5, True, None)
+    assert torch.isnan(bad).all()
+
+
 def test_sparse_factor_update_is_deterministic():
     gen = torch.Generator().manual_seed(5)
     rowptr, col = csr(3000, 3000, 40000, gen)
@@ -336,8 +365,13 @@ def test_batched_eigh_status_codes(dtype):
     mats[1][3, 2] = float("nan")
     mats[2][0, 0] = float("inf")
     mats[4][10, 1] = float("nan")
-    _, _, status = torch.ops.ngcuda.batched_eigh(mats, None, None, 15)
+    values, vectors, status = torch.ops.ngcuda.batched_eigh(mats, None, None, 15)
     assert status.tolist() == [0, 1, 1, 0, 1]
+    # the Jacobi path (n = 50) and the cuSOLVER paths (150, 300) alike: no answer for a NaN input
+    for i in (1, 2, 4):
+        assert torch.isnan(values[i]).all() and torch.isnan(vectors[i]).all(), i
+    for i in (0, 3):
+        check_eigh(mats[i], values[i], vectors[i], RTOL[dtype], orth_tol(mats[i].shape[0], dtype))
     with pytest.raises(ValueError, match=r"matrices\[1\] holds NaN or Inf"):
         ops.batched_eigh(mats)
     # No sweep allowed: a full matrix is not converged, a diagonal one is.
@@ -390,6 +424,15 @@ def test_precondition_matches_reference(dtype):
     for o, r, g in zip(out, ref, grads):
         assert o.shape == g.shape and o.dtype == dtype
         assert rel_err(o, r) <= RTOL[dtype]
+
+
+def test_precondition_refuses_layers_on_two_devices():
+    g, q, lam = torch.randn(3, 4, device=DEV), torch.eye(4, device=DEV), torch.ones(4, device=DEV)
+    qg, lg = torch.eye(3, device=DEV), torch.ones(3, device=DEV)
+    cpu = [t.cpu() for t in (g, q, lam, qg, lg)]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is on cpu.*one call takes one device"):
+        torch.ops.ngcuda.precondition([g, cpu[0]], [q, cpu[1]], [lam, cpu[2]], [qg, cpu[3]], [lg, cpu[4]],
+                                      0.1)
 
 
 def test_build_lists_cuda():

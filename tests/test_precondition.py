@@ -118,3 +118,14 @@ def test_precondition_bad_input(mutate, match):
     mutate(args)
     with pytest.raises(RuntimeError, match=match):
         ops.precondition(**args)
+
+
+def test_precondition_refuses_layers_on_two_devices():
+    # The check is shared by every backend; a meta layer next to a CPU one reaches it without a GPU
+    # (tests/test_cuda_ops.py has the CPU-next-to-CUDA case, where the kernel would read host pointers).
+    layer = [torch.randn(2, 4), torch.eye(4), torch.ones(4), torch.eye(2), torch.ones(2)]
+    other = [t.to("meta") for t in layer]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is on meta but grads\[0\] is on cpu"):
+        torch.ops.ngcuda.precondition(*[[a, b] for a, b in zip(layer, other)], 0.1)
+    out = torch.ops.ngcuda.precondition(*[[a, a] for a in layer], 0.1)  # one device: fine
+    torch.testing.assert_close(out[0], out[1])

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <tuple>
 #include <type_traits>
@@ -254,6 +255,12 @@ void run_solver(const std::vector<int64_t>& group, int64_t n, bool batched,
   }
   C10_CUDA_CHECK(launch_solver_status(info.data_ptr<int>(), count, index_dev.data_ptr<int>(),
                                       status.data_ptr<int>(), stream));
+  // The screen gave the solver an identity in place of a non-finite matrix, and a failed solve
+  // leaves what it leaves: neither must pass for an answer, so both read NaN, as on the Jacobi
+  // path (device ops, no sync).
+  const at::Tensor failed = status.index_select(0, index_dev).ne(0);
+  w.masked_fill_(failed.unsqueeze(1), std::numeric_limits<T>::quiet_NaN());
+  buf.masked_fill_(failed.view({count, 1, 1}), std::numeric_limits<T>::quiet_NaN());
   const at::Tensor vecs = buf.mT().contiguous();
   for (int64_t k = 0; k < count; ++k) {
     values[group[k]] = w[k];

@@ -29,7 +29,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = lane; c < d; c += 32) y[c] = T(0);
   // X's end pointers, checked once per call (the per-row checks below cannot see them).
   if (local == 0 && lane == 0 && (x_crow[0] != 0 || x_crow[x_rows] != x_nnz)) atomicOr(bad, 1);
-  if (w != nullptr && w[r] == T(0)) return;
 
   int64_t b = r, e = r + 1;  // Â = I: the row's own row of X
   if (a_rowptr != nullptr) {
@@ -43,6 +42,9 @@ __global__ void __launch_bounds__(kThreads)
       b = e = 0;
     }
   }
+  // After the row-pointer checks, as the dense-x aggregate: a bad Â poisons the factor even when
+  // the broken row carries no weight.
+  if (w != nullptr && w[r] == T(0)) return;
   for (int64_t p = b; p < e; ++p) {
     const int64_t src = a_rowptr != nullptr ? a_col[p] : p;
     const T a = (a_rowptr != nullptr && a_val != nullptr) ? a_val[p] : T(1);

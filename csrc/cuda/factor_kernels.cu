@@ -221,6 +221,11 @@ __global__ void __launch_bounds__(kAggThreads)
     b = e = 0;
   }
   if (w != nullptr && w[r] == T(0)) b = e = 0;
+  if (d == 0 && lane == 0) {  // no column pass below to check the edges' sources
+    for (int64_t p = b; p < e; ++p) {
+      if (col[p] < 0 || col[p] >= x_rows) atomicOr(bad, 1);
+    }
+  }
   T* y = out + local * d;
   for (int64_t c0 = 0; c0 < d; c0 += 32 * kAggCols) {
     T acc[kAggCols];

@@ -9,6 +9,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocksX = 1024;
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -36,9 +37,14 @@ cudaError_t launch_scale_eigenbasis(const int64_t* desc, int64_t layers, int64_t
   if (layers <= 0 || max_elems <= 0) return cudaSuccess;
   int64_t blocks = (max_elems + kThreads - 1) / kThreads;
   if (blocks > kMaxBlocksX) blocks = kMaxBlocksX;
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(layers));
-  scale_eigenbasis_kernel<T><<<grid, kThreads, 0, stream>>>(desc, static_cast<T>(damping));
-  return cudaGetLastError();
+  for (int64_t l0 = 0; l0 < layers; l0 += kMaxGridY) {  // grid.y is capped at 65,535
+    const int64_t n = layers - l0 < kMaxGridY ? layers - l0 : kMaxGridY;
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(n));
+    scale_eigenbasis_kernel<T><<<grid, kThreads, 0, stream>>>(desc + l0 * 5, static_cast<T>(damping));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template cudaError_t launch_scale_eigenbasis<float>(const int64_t*, int64_t, int64_t, double,
