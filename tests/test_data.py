@@ -263,6 +263,16 @@ def test_random_split_reference():
     assert (int(tr2.sum()), int(va2.sum()), int(te2.sum())) == (6, 7, 11)
 
 
+@pytest.mark.cuda
+def test_random_split_of_labels_on_the_gpu_is_the_cpu_split():
+    y = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(1))
+    labelled = torch.rand(200, generator=torch.Generator().manual_seed(2)) < 0.8
+    cpu = random_split(y, 4, 5, seed=3, val_per_class=4, labelled=labelled)
+    gpu = random_split(y.cuda(), 4, 5, seed=3, val_per_class=4, labelled=labelled.cuda())
+    for a, b in zip(cpu, gpu):
+        assert b.device.type == "cuda" and torch.equal(a, b.cpu())
+
+
 # ---------------------------------------------------------------- npz
 
 def write_npz(path: Path, adj: np.ndarray, attr: np.ndarray, labels: np.ndarray) -> None:

@@ -378,13 +378,87 @@ def test_checkpoint_resume_is_bitwise_identical(mode):
     resumed_opt.load_state_dict(ckpt["opt"])
     st = resumed_opt.state[resumed.conv1.lin.weight]
     assert {"A", "G", "QA", "QG", "lamA", "lamG"} <= set(st) and resumed_opt.steps == 10
+    saved_st = first_opt.state[first.conv1.lin.weight]
+    if "A_structure" in saved_st:
+        assert st["A_structure"] == saved_st["A_structure"] and isinstance(st["A_structure"], str)
     _gcn_run(resumed, resumed_opt, x, ei, y, mask, 10)
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     assert not torch.equal(full.conv1.lin.weight, first.conv1.lin.weight)
 
 
+def test_checkpoint_sampling_state_is_keyed_by_device_type():
+    # A GPU run's checkpoint keys its sampling state by its device ("cuda:1"): it must load on a
+    # machine without that device, and never seed the CPU generator.
+    x, ei, y, mask = small_graph(n=15, e=30, fin=5, seed=7)
+    x = x.float()
+
+    def make():
+        torch.manual_seed(0)
+        model = TinyGCN(5, 6, 3, cached=True)
+        return model, ngcuda.KFAC(model, lr=0.05, damping=0.05, factor_every=1, seed=11)
+
+    model, opt = make()
+    _gcn_run(model, opt, x, ei, y, mask, 3)
+    sd = opt.state_dict()
+    saved = sd["kfac"]["generators"]["cpu"]
+
+    def resumed_cpu_state(generators: dict) -> torch.Tensor:
+        m, o = make()
+        m.load_state_dict(model.state_dict())
+        o.load_state_dict({**sd, "kfac": {**sd["kfac"], "generators": generators}})
+        _gcn_run(m, o, x, ei, y, mask, 1)
+        assert set(o._generators) == {"cpu"}
+        return o._generators["cpu"].get_state()
+
+    from_saved, from_seed = resumed_cpu_state({"cpu": saved}), resumed_cpu_state({})
+    assert not torch.equal(from_saved, from_seed)
+    assert torch.equal(resumed_cpu_state({"cuda:1": saved}), from_seed)
+
+
+@pytest.mark.cuda
+def test_checkpoint_sampling_state_moves_between_gpus():
+    torch.manual_seed(0)
+    model = TinyGCN(5, 6, 3, cached=True)
+    opt = ngcuda.KFAC(model, seed=11)
+    state = torch.Generator(device="cuda").manual_seed(99).get_state()
+    opt.load_state_dict({**opt.state_dict(), "kfac": {"step": 0, "generators": {"cuda:7": state.cuda()}}})
+    gen = opt._generator(torch.device("cuda", 0))
+    assert torch.equal(gen.get_state(), state)  # map_location's device copy and index, both undone
+
+
 # --------------------------------------------------------------------------- failures
+def test_autocast_rows_are_gathered_in_float32():
+    # Under torch.autocast the hidden activations and output gradients are bfloat16; the factor
+    # ops take float32/float64 only, and the factors stay in the weights' float32.
+    def run(autocast: bool):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        opt = ngcuda.KFAC(net, lr=0.1, fisher_type="empirical", kl_clip=None)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = net(x)
+            loss = F.cross_entropy(out, y)
+        assert (out.dtype == torch.bfloat16) == autocast
+        loss.backward()
+        before = [p.detach().clone() for p in net.parameters()]
+        opt.step()
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)])
+        return opt, net, step
+
+    opt16, net16, step16 = run(True)
+    opt32, net32, step32 = run(False)
+    for m16, m32 in ((net16[0], net32[0]), (net16[2], net32[2])):
+        for key in ("A", "G"):
+            f16, f32 = opt16.state[m16.weight][key], opt32.state[m32.weight][key]
+            assert f16.dtype == torch.float32
+            assert rel_err(f16, f32) < 3e-2, (key, rel_err(f16, f32))
+    # the first layer's input is the float32 data under autocast too: its A is exact
+    torch.testing.assert_close(opt16.state[net16[0].weight]["A"], opt32.state[net32[0].weight]["A"])
+    assert rel_err(step16, step32) < 0.1
+
+
 def test_nan_gradient_skips_only_the_affected_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -507,6 +581,14 @@ def test_eigensolver_failure_retries_in_float64_then_keeps_previous_basis(monkey
     with pytest.warns(KFACWarning, match="keeping its previous eigenbasis"):
         step()
     assert torch.equal(st["QA"], QA)
+
+    if hasattr(torch, "AcceleratorError"):  # a device fault is raised, not retried or swallowed
+        def faulted(*a, **k):
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(ngcuda.ops, "batched_eigh_with_status", faulted)
+        with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+            step()
 
 
 def test_bad_arguments_name_themselves():

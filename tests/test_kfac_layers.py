@@ -125,3 +125,22 @@ def test_layers_listing_is_printable():
     opt = ngcuda.KFAC(model)
     assert str(opt.layers()[0]) == "0: linear, A 4x4 auto, G 4x4"
     assert opt.layers()[1].params == ("2.weight", "2.bias")
+
+
+@pytest.mark.parametrize("flow", ["source_to_target", "target_to_source"])
+def test_gcn_adjacency_csr_is_sorted_and_exact(flow):
+    from ngcuda.optim.layers import _csr_by_target
+
+    gen = torch.Generator().manual_seed(3)
+    n = 9
+    ei = torch.randint(0, n, (2, 40), generator=gen)
+    ei = torch.cat([ei, ei[:, :5], torch.arange(n).repeat(2, 1)], 1)  # duplicates, self-loops last
+    w = torch.rand(ei.shape[1], generator=gen, dtype=torch.float64)
+    rowptr, col, value = _csr_by_target(ei, w, n, flow)
+    for r in range(n):  # cuSPARSE's CSR: ascending columns within a row
+        c = col[rowptr[r]:rowptr[r + 1]]
+        assert bool((c[1:] >= c[:-1]).all()), (r, c)
+    src, dst = (ei[0], ei[1]) if flow == "source_to_target" else (ei[1], ei[0])
+    dense = torch.zeros(n, n, dtype=torch.float64).index_put_((dst, src), w, accumulate=True)
+    ours = torch.sparse_csr_tensor(rowptr, col, value, (n, n)).to_dense()
+    torch.testing.assert_close(ours, dense, rtol=1e-12, atol=0)

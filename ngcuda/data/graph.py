@@ -116,10 +116,13 @@ def random_split(
     """Seeded random split over the labelled nodes: `train_per_class` per class for training; validation is
     `val_per_class` per class or `num_val` nodes overall; test is `num_test` of the rest (None: all the rest).
 
-    Classes smaller than the request give all their nodes. Returns three [N] bool masks.
+    Classes smaller than the request give all their nodes. Returns three [N] bool masks on y's
+    device; the split itself is drawn on the CPU, so a seed gives the same split on any device.
     """
+    device = y.device
+    y = y.cpu()
     n = y.shape[0]
-    labelled = torch.ones(n, dtype=torch.bool) if labelled is None else labelled
+    labelled = torch.ones(n, dtype=torch.bool) if labelled is None else labelled.cpu()
     gen = torch.Generator().manual_seed(seed)
     train, val = [], []
     taken = torch.zeros(n, dtype=torch.bool)
@@ -142,7 +145,7 @@ def random_split(
         rest = rest[torch.randperm(rest.numel(), generator=gen)]
         val_idx = rest[: num_val or 0]
         test_idx = rest[num_val or 0 :] if num_test is None else rest[num_val or 0 : (num_val or 0) + num_test]
-    return index_to_mask(train_idx, n), index_to_mask(val_idx, n), index_to_mask(test_idx, n)
+    return tuple(index_to_mask(i, n).to(device) for i in (train_idx, val_idx, test_idx))
 
 
 def sha256(path: Path) -> str:

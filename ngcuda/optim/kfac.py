@@ -55,6 +55,11 @@ from .structure import Full, LayerShape, choose_structure, parse_structure
 
 __all__ = ["KFAC", "EighOptions", "KFACWarning"]
 
+# Errors of the device itself (torch.AcceleratorError where torch has it), which no retry of the
+# eigensolver can cure: they must reach the user, not turn into "keeping the previous basis".
+_DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)
+
 Hyper = Union[float, Callable[[int], float]]
 
 
@@ -277,6 +282,9 @@ class KFAC(torch.optim.Optimizer):
         self._pending_factors: Optional[tuple] = None
         self._step = 0
         self._generators: dict[str, torch.Generator] = {}
+        # Sampling states from a checkpoint, by device type, taken by the generator of the first
+        # device of that type that samples (a run saved on cuda:1 resumes on cuda:0 or elsewhere).
+        self._saved_generators: dict[str, Tensor] = {}
         self._warned: set[str] = set()
         self._reset_step_state()
 
@@ -437,8 +445,10 @@ class KFAC(torch.optim.Optimizer):
         base = sd.pop("base", None)
         super().load_state_dict(sd)
         self._step = int(extra.get("step", 0))
-        for key, st in extra.get("generators", {}).items():
-            self._generator(torch.device(key)).set_state(st)
+        self._generators = {}
+        # set_state takes a CPU byte tensor: map_location may have moved the states anywhere.
+        self._saved_generators = {torch.device(key).type: st.detach().cpu()
+                                  for key, st in extra.get("generators", {}).items()}
         if base is not None:
             if self.base_optimizer is None:
                 raise ValueError("state_dict holds a base optimizer state but this KFAC has none")
@@ -449,6 +459,9 @@ class KFAC(torch.optim.Optimizer):
             layer.ekfac_cache = None
             if layer.name in saved:  # the factors are stored in that structure's form
                 self._structures[id(layer)] = parse_structure(saved[layer.name], self.seed + i)
+                st = self.state[layer.weight]
+                if "A_structure" in st:  # torch's loader rebuilt the string as an iterable
+                    st["A_structure"] = saved[layer.name]
         self._reset_step_state()
 
     # ---------------------------------------------------------------------------- internals
@@ -524,7 +537,11 @@ class KFAC(torch.optim.Optimizer):
         gen = self._generators.get(key)
         if gen is None:
             gen = torch.Generator(device=key)
-            gen.manual_seed(self.seed)
+            saved = self._saved_generators.pop(device.type, None)
+            if saved is None:
+                gen.manual_seed(self.seed)
+            else:
+                gen.set_state(saved)
             self._generators[key] = gen
         return gen
 
@@ -705,12 +722,14 @@ class KFAC(torch.optim.Optimizer):
         try:
             vals, vecs, status = ops.batched_eigh_with_status(mats, prevs, self.eigh.tol,
                                                               self.eigh.max_sweeps)
-            okf = [torch.isfinite(v).all() & torch.isfinite(q).all() for v, q in zip(vals, vecs)]
-            converged = ops.EighStatus.succeeded(status.cpu())
-            ok = (torch.stack([o.cpu() for o in okf]) & converged).tolist()
+            okf = torch.stack([torch.isfinite(v).all() & torch.isfinite(q).all()
+                               for v, q in zip(vals, vecs)])
+            ok = (okf.cpu() & ops.EighStatus.succeeded(status.cpu())).tolist()  # one sync each
             for i, good in enumerate(ok):
                 if good:
                     out[i] = (vals[i], vecs[i])
+        except _DEVICE_ERRORS:
+            raise  # a device fault (e.g. an illegal address) is not a matrix the solver failed on
         except (RuntimeError, ValueError) as err:
             self._warn(None, f"batched_eigh failed ({err}); retrying")
         failed = [i for i, o in enumerate(out) if o is None]
@@ -720,6 +739,8 @@ class KFAC(torch.optim.Optimizer):
                     v, q = ops.batched_eigh([mats[i].double()], None, None, self.eigh.max_sweeps)
                     if bool(torch.isfinite(v[0]).all()) and bool(torch.isfinite(q[0]).all()):
                         out[i] = (v[0].to(mats[i].dtype), q[0].to(mats[i].dtype))
+                except _DEVICE_ERRORS:
+                    raise
                 except (RuntimeError, ValueError):
                     pass
         return out

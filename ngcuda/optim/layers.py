@@ -81,6 +81,14 @@ class CaptureState:
         return self.seq
 
 
+def _statistic_dtype(t: Tensor) -> Tensor:
+    """Half-precision rows (activations and output gradients under torch.autocast) in float32:
+    the factors are kept in the weight's dtype, and summing squares in 16 bits loses them."""
+    if t.layout == torch.strided and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
 class _Record:
     """What one forward call of a layer left behind."""
 
@@ -176,17 +184,17 @@ class KFACLayer:
     def _track_output(self, output: Tensor, x: Tensor, extra: Any = None) -> None:
         # A constant input (a feature matrix) is kept as the same object, so that an unchanged
         # input can be recognised at the next factor update (see KFACLayer.signature).
-        rec = _Record(x if not x.requires_grad else x.detach(), get_gradient_edge(output),
-                      self.state.next_seq(), extra)
+        rec = _Record(_statistic_dtype(x if not x.requires_grad else x.detach()),
+                      get_gradient_edge(output), self.state.next_seq(), extra)
         state = self.state
 
         def grad_hook(grad: Tensor) -> None:
             # The last backward through this output wins (an earlier torch.autograd.grad call
             # of the user, e.g. for a penalty, must not add to the statistics).
             if state.phase == "fisher":
-                rec.fgrad = grad.detach()
+                rec.fgrad = _statistic_dtype(grad.detach())
             else:
-                rec.grad = grad.detach()
+                rec.grad = _statistic_dtype(grad.detach())
 
         output.register_hook(grad_hook)
         self.records.append(rec)
@@ -310,10 +318,12 @@ class _Adjacency:
 
 def _csr_by_target(edge_index: Tensor, edge_weight: Optional[Tensor], num_nodes: int,
                    flow: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """CSR of the message matrix: out_i = Σ_{(j→i)} w_e x_j, so row i = target, col j = source."""
+    """CSR of the message matrix: out_i = Σ_{(j→i)} w_e x_j, so row i = target, col j = source.
+    Columns ascend within each row (gcn_norm appends the self-loops last): cuSPARSE, behind
+    torch.sparse.mm on CUDA, assumes sorted CSR."""
     src, dst = (edge_index[0], edge_index[1]) if flow == "source_to_target" else (
         edge_index[1], edge_index[0])
-    perm = torch.argsort(dst, stable=True)
+    perm = torch.argsort(dst * num_nodes + src, stable=True)  # duplicate edges keep their order
     col = src[perm].contiguous()
     value = None if edge_weight is None else edge_weight[perm].contiguous()
     counts = torch.bincount(dst, minlength=num_nodes)

@@ -77,7 +77,7 @@ def csr_transpose(x: Tensor, cache: bool = True) -> Tensor:
     if hit is None or hit[3] is not crow and not torch.equal(hit[3], crow):
         n, d = x.shape
         rows = csr_row_ids(x)
-        perm = torch.argsort(col * n + rows)
+        perm = torch.argsort(col.long() * n + rows)  # int32 indices: d·N may pass 2³¹
         counts = torch.bincount(col, minlength=d)
         crow_t = torch.zeros(d + 1, dtype=torch.long, device=col.device)
         torch.cumsum(counts, 0, out=crow_t[1:])
