@@ -210,9 +210,42 @@ def test_restricted_unpickler_rejects_code_inside_a_dataset(tmp_path):
     write_planetoid(tmp_path, "tiny")
     marker = tmp_path / "pwned"
     (tmp_path / "ind.tiny.graph").write_bytes(pickle.dumps(_Evil(marker), protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(ValueError, match=r"ind\.tiny\.graph: not a readable Planetoid pickle.*refusing"):
         load_planetoid("tiny", root=tmp_path)
     assert not marker.exists()
+
+
+def test_restricted_unpickler_refuses_state_on_a_class(tmp_path):
+    # GLOBAL csr_matrix, then BUILD with slot state {"toarray": list}: with the C unpickler this would
+    # set csr_matrix.toarray = list for the whole process.
+    before = dict(vars(sp.csr_matrix))
+    path = tmp_path / "patch.pkl"
+    path.write_bytes(b"\x80\x02cscipy.sparse._csr\ncsr_matrix\nN}X\x07\x00\x00\x00toarray"
+                     b"c__builtin__\nlist\ns\x86b.")
+    with pytest.raises(pickle.UnpicklingError, match="BUILD on a class"):
+        restricted_load(path)
+    assert dict(vars(sp.csr_matrix)) == before
+    assert sp.csr_matrix(np.eye(2)).toarray().tolist() == [[1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_planetoid_damaged_files_name_the_file(tmp_path, damage):
+    write_planetoid(tmp_path, "tiny")
+    path = tmp_path / "ind.tiny.allx"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "text": b"<html>404</html>"}[damage])
+    with pytest.raises(ValueError, match=r"ind\.tiny\.allx: not a readable Planetoid pickle"):
+        load_planetoid("tiny", root=tmp_path, num_val=2)
+
+
+def test_planetoid_bad_test_index(tmp_path):
+    write_planetoid(tmp_path, "tiny")
+    (tmp_path / "ind.tiny.test.index").write_text("8\nfive\n7\n")
+    with pytest.raises(ValueError, match=r"ind\.tiny\.test\.index: expected one node id per line"):
+        load_planetoid("tiny", root=tmp_path, num_val=2)
+    (tmp_path / "ind.tiny.test.index").write_text("")
+    with pytest.raises(ValueError, match="no test node ids"):
+        load_planetoid("tiny", root=tmp_path, num_val=2)
 
 
 def test_restricted_unpickler_reads_allowed_types(tmp_path):
@@ -327,6 +360,31 @@ def test_npz_rejects_pickles_and_bad_layout(tmp_path):
         load_npz("cora", root=tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "npy", "text"])
+def test_npz_damaged_files_name_the_file(tmp_path, damage):
+    adj, attr, labels = tiny_npz_arrays()
+    path = tmp_path / "tiny.npz"
+    write_npz(path, adj, attr, labels)
+    data = path.read_bytes()
+    if damage == "npy":
+        with open(path, "wb") as f:
+            np.save(f, labels)
+    else:
+        path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "text": b"version https://git-lfs"}[damage])
+    with pytest.raises(ValueError, match=r"tiny\.npz: (not a readable \.npz|a damaged \.npz|holds a single)"):
+        load_npz("tiny.npz", root=tmp_path)
+
+
+def test_npz_inconsistent_csr_names_the_file(tmp_path):
+    adj, attr, labels = tiny_npz_arrays()
+    a, x = sp.csr_matrix(adj), sp.csr_matrix(attr)
+    np.savez(tmp_path / "bad.npz", adj_data=a.data, adj_indices=a.indices, adj_indptr=a.indptr[:-5],
+             adj_shape=np.array(a.shape), attr_data=x.data, attr_indices=x.indices, attr_indptr=x.indptr,
+             attr_shape=np.array(x.shape), labels=labels)
+    with pytest.raises(ValueError, match=r"bad\.npz: adj_\* do not form a CSR matrix"):
+        load_npz("bad.npz", root=tmp_path)
+
+
 def test_npz_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"amazon_electronics_photo\.npz.*--data-root"):
         load_npz("amazon-photo", root=tmp_path)
@@ -388,6 +446,16 @@ def test_idx_bad_files(tmp_path):
         read_idx(p)
     p.write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 10) + b"\0" * 9)
     with pytest.raises(ValueError, match="holds 9"):
+        read_idx(p)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-gzip", "empty"])
+def test_idx_damaged_gz_names_the_file(tmp_path, damage):
+    p = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    write_idx(p, np.arange(200, dtype=np.uint8), compress=True)
+    data = p.read_bytes()
+    p.write_bytes({"truncated": data[: len(data) // 2], "not-gzip": b"<html>404</html>", "empty": b""}[damage])
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte\.gz: (cannot be read as gzipped IDX|not an IDX)"):
         read_idx(p)
 
 

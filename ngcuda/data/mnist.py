@@ -7,6 +7,7 @@ standard 60k/10k sets are read (train-images-idx3-ubyte[.gz] etc.).
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     per dimension, then the data. Returns the array with its header's shape."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        buf = f.read()
+    try:
+        with opener(path, "rb") as f:
+            buf = f.read()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or non-gzip .gz, an unreadable file
+        raise ValueError(f"{path}: cannot be read as {'gzipped ' if opener is gzip.open else ''}IDX "
+                         f"({type(e).__name__}: {e})") from e
     if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] not in _DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {buf[:4].hex()})")
     dtype = np.dtype(_DTYPES[buf[2]])

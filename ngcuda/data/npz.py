@@ -5,6 +5,7 @@ shipped with ngcuda (11 MB); pass the folder that holds them as `root`.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,41 @@ def _csr(f: np.lib.npyio.NpzFile, prefix: str, path: Path) -> sp.csr_matrix:
     missing = [k for k in keys if k not in f.files]
     if missing:
         raise ValueError(f"{path}: missing arrays {', '.join(missing)} (expected gnn-benchmark CSR layout)")
-    data, indices, indptr, shape = (f[k] for k in keys)
-    return sp.csr_matrix((data, indices, indptr), shape=tuple(int(s) for s in shape))
+    data, indices, indptr, shape = (_member(f, k, path) for k in keys)
+    try:
+        return sp.csr_matrix((data, indices, indptr), shape=tuple(int(s) for s in shape))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {prefix}_* do not form a CSR matrix ({e})") from e
+
+
+def _member(f: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        return f[key]
+    except ValueError as e:  # an object array (a pickle), refused by allow_pickle=False
+        raise ValueError(f"{path}: array {key!r} cannot be read without unpickling ({e})") from e
+
+
+def _read_npz(path: Path) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """(adjacency, float32 attributes, labels) of a gnn-benchmark file; a file that is not a readable npz
+    archive in that layout is a ValueError naming it."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single .npy array, not an .npz archive of the gnn-benchmark layout")
+    try:
+        with f:
+            adj = _csr(f, "adj", path)
+            attr = _csr(f, "attr", path).astype(np.float32)
+            if "labels" not in f.files:
+                raise ValueError(f"{path}: no 'labels' array")
+            labels = _member(f, "labels", path)
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # a member cut short
+        raise ValueError(f"{path}: a damaged .npz archive ({type(e).__name__}: {e})") from e
+    return adj, attr, labels
 
 
 def load_npz(
@@ -70,12 +104,7 @@ def load_npz(
     if not path.is_file():
         raise missing_file(path, f"dataset {name!r}")
 
-    with np.load(path, allow_pickle=False) as f:
-        adj = _csr(f, "adj", path)
-        attr = _csr(f, "attr", path).astype(np.float32)
-        if "labels" not in f.files:
-            raise ValueError(f"{path}: no 'labels' array")
-        labels = f["labels"]
+    adj, attr, labels = _read_npz(path)
     n = adj.shape[0]
     if adj.shape != (n, n) or attr.shape[0] != n or labels.shape != (n,):
         raise ValueError(f"{path}: adjacency {adj.shape}, attributes {attr.shape} and labels {labels.shape} disagree")

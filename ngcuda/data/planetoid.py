@@ -55,8 +55,14 @@ def _build_allowed() -> dict[tuple[str, str], Any]:
     }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the classes the Planetoid files use; anything else is an UnpicklingError."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only the classes the Planetoid files use; anything else is an UnpicklingError.
+
+    It is the pure-Python unpickler, so that BUILD can be refused on a class: with the C one a pickle could
+    set attributes of an allowed class (``csr_matrix.toarray = list``) for the rest of the process.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _build_allowed()
@@ -68,11 +74,27 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "numpy arrays, scipy csr_matrix, collections.defaultdict and list"
             ) from None
 
+    def load_build(self) -> None:
+        if len(self.stack) >= 2 and isinstance(self.stack[-2], type):
+            raise pickle.UnpicklingError(
+                f"ngcuda: refusing to set the state of the class {self.stack[-2].__name__} (BUILD on a class)")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
 
 def restricted_load(path: Path) -> Any:
     """Load a Python 2 pickle through `RestrictedUnpickler` (encoding latin1)."""
     with open(path, "rb") as f:
         return RestrictedUnpickler(f, encoding="latin1").load()
+
+
+def _load_pickle(path: Path) -> Any:
+    """`restricted_load`, with a file that is not a (complete, allowed) pickle reported as a ValueError."""
+    try:
+        return restricted_load(path)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ValueError(f"{path}: not a readable Planetoid pickle ({type(e).__name__}: {e})") from e
 
 
 def _file(root: Path, name: str, suffix: str) -> Path:
@@ -138,9 +160,14 @@ def load_planetoid(
     paths = {k: _file(folder, name, k) for k in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")}
     for path in paths.values():
         verify_sha256(path)
-    objs = {k: restricted_load(p) for k, p in paths.items() if k != "test.index"}
+    objs = {k: _load_pickle(p) for k, p in paths.items() if k != "test.index"}
     index_path = paths["test.index"]
-    test_index = np.loadtxt(index_path, dtype=np.int64, ndmin=1)
+    try:
+        test_index = np.loadtxt(index_path, dtype=np.int64, ndmin=1)
+    except ValueError as e:
+        raise ValueError(f"{index_path}: expected one node id per line ({e})") from e
+    if test_index.size == 0:
+        raise ValueError(f"{index_path}: no test node ids")
 
     x, tx, allx = (_as_csr(objs[k], folder / f"ind.{name}.{k}") for k in ("x", "tx", "allx"))
     y, ty, ally = (_as_array(objs[k], folder / f"ind.{name}.{k}") for k in ("y", "ty", "ally"))
