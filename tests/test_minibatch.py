@@ -120,3 +120,12 @@ def test_kfac_minibatch_training_on_cora_learns(cora, one_thread):
     print(f"mini-batch K-FAC on Cora: val acc {before:.3f} -> {after:.3f} in {opt.steps} steps")
     assert opt.steps == 16
     assert after >= 0.5 and after >= before + 0.3  # 0.64 here; Adam alone: 0.63
+
+
+def test_pseudo_labels_with_mini_batches_are_refused(cora):
+    from ngcuda.train import NodeConfig, OptimizerConfig, train_node_classifier
+
+    g, _ = cora
+    cfg = NodeConfig(epochs=1, batch_size=35, pseudo_label_gamma=3.0)
+    with pytest.raises(ValueError, match="pseudo-labels need full-batch training"):
+        train_node_classifier(g, "adam", 0, cfg, OptimizerConfig(), torch.device("cpu"))

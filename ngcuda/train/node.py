@@ -23,7 +23,7 @@ from ..data import Graph
 from ..models import build_gnn
 from .loop import sync
 from .optimizers import OptimizerConfig, make_optimizer
-from .sampling import TorchNeighborSampler, rank_share, uncache_gcn
+from .sampling import rank_share, uncache_gcn
 from .step import optimizer_step
 
 
@@ -201,6 +201,9 @@ def train_node_classifier(
     rank, world = rank_and_world()
     if world > 1 and cfg.pseudo_label_gamma is not None:
         raise ValueError("pseudo-labels are not supported in data-parallel runs")
+    if cfg.batch_size and cfg.pseudo_label_gamma is not None:
+        raise ValueError("pseudo-labels need full-batch training (batch_size None): mini-batches train on "
+                         "their seed nodes' labels only")
     if cfg.fisher_nodes not in FISHER_NODES:
         raise ValueError(f"fisher_nodes must be one of {FISHER_NODES}, got {cfg.fisher_nodes!r}")
     if cfg.fisher_nodes == "all" and (world > 1 or cfg.batch_size):
@@ -230,6 +233,8 @@ def train_node_classifier(
     sampler = None
     if cfg.batch_size:
         from torch_geometric.data import Data
+
+        from .sampling import TorchNeighborSampler
 
         uncache_gcn(model)  # each subgraph has its own normalised adjacency
         sampler = TorchNeighborSampler(Data(x=x.cpu(), edge_index=graph.edge_index.cpu(), y=graph.y.cpu()),
