@@ -66,6 +66,16 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _dropout(text: str) -> float:
+    value = _nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text} (1 drops every unit)")
+    return value
+
+
+MAX_SEED = 2**32 - 1  # the samplers derive further seeds from it (seed * 1_000_003 + epoch) within 64 bits
+
+
 def parse_seeds(text: str) -> list[int]:
     """'3' -> [0, 1, 2] (a count); '0,5,7' -> [0, 5, 7] (a list)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -76,11 +86,12 @@ def parse_seeds(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("--seeds is empty")
     if len(values) == 1 and "," not in text:
-        if values[0] < 1:
-            raise argparse.ArgumentTypeError(f"--seeds count must be at least 1, got {values[0]}")
+        if not 1 <= values[0] <= 10_000:
+            raise argparse.ArgumentTypeError(f"--seeds count must be at least 1 and at most 10000, got {values[0]}")
         return list(range(values[0]))
-    if any(v < 0 for v in values) or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"--seeds list must hold distinct non-negative integers, got {text!r}")
+    if any(not 0 <= v <= MAX_SEED for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"--seeds list must hold distinct integers in 0..{MAX_SEED}, got {text!r}")
     return values
 
 
@@ -103,7 +114,11 @@ def _init_distributed(parser: argparse.ArgumentParser, device_name: str, timeout
                      "--distributed); RANK and WORLD_SIZE are not set")
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            parser.error(f"--distributed: LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA "
+                         "device(s); start at most that many processes per node, or use --device cpu")
+        torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return dist.get_rank(), dist.get_world_size()
 
@@ -238,14 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"deep-gcn: number of GCN layers (default {DEFAULT_DEEP_LAYERS})")
     t.add_argument("--skip", action="store_true", help="deep-gcn: residual connections")
     t.add_argument("--hidden", type=_positive_int, default=16, help="hidden width (default 16)")
-    t.add_argument("--dropout", type=_unit_float, default=0.5, help="default 0.5")
+    t.add_argument("--dropout", type=_dropout, default=0.5, help="in [0, 1), default 0.5")
     t.add_argument("--pseudo-label-gamma", type=_nonneg_float, default=None, metavar="GAMMA",
                    help="add (t/T)^GAMMA x cross-entropy of unlabelled nodes against their argmax prediction")
     t.add_argument("--no-normalize-features", dest="normalize_features", action="store_false",
                    help="keep raw features (default: row-normalise, as GCN does)")
     t.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="mini-batch training: B training (seed) nodes per NeighborLoader batch (default: full batch)")
-    t.add_argument("--num-neighbors", type=_neighbors, default=(10, 10), metavar="K1,K2",
+    t.add_argument("--num-neighbors", type=_neighbors, default=None, metavar="K1,K2",
                    help="mini-batch: neighbours sampled per hop, -1 for all (default 10,10)")
     t.add_argument("--distributed", action="store_true",
                    help="data parallel over the processes of torchrun (gloo on CPU, NCCL on GPU): each rank "
@@ -324,15 +339,46 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     return torch.device(name)
 
 
-def _out_dir(out: Path | None) -> Path:
-    if out is not None:
-        return out
-    base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    path, k = base, 1
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
+def _out_dir(parser: argparse.ArgumentParser, out: Path | None) -> Path:
+    """Creates the output folder before any training, so that a bad --out fails at once rather than
+    after the last epoch. The default runs/<timestamp>[-k]/ is claimed with an exclusive mkdir, so
+    runs started in the same second never share one."""
+    if out is None:
+        base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        path, k = base, 1
+        while True:
+            try:
+                path.mkdir(parents=True, exist_ok=False)
+                return path
+            except FileExistsError:
+                k += 1
+                path = base.with_name(f"{base.name}-{k}")
+            except OSError as e:
+                parser.error(f"cannot create the output folder {path}: {e.strerror or e}")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {out}: cannot create it ({e.strerror or e})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: the folder is not writable")
+    return out
+
+
+def _check_kfac_options(parser: argparse.ArgumentParser, optimizers: list[str], opt_cfg,
+                        build_model: Callable[[], torch.nn.Module]) -> None:
+    """Builds each K-FAC optimizer once on a throwaway model (on the CPU), so that options only
+    ngcuda.KFAC can check (layer names in --factor-structure, ...) fail before any run, not after
+    the runs of the optimizers listed before it."""
+    from .train import make_optimizer
+
+    for name in optimizers:
+        if name.startswith("kfac"):
+            try:
+                make_optimizer(name, build_model(), opt_cfg)
+            except (ValueError, TypeError) as e:
+                parser.error(f"--optimizers {name}: {e}")
 
 
 def _check_optimizers(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -355,6 +401,41 @@ def _config(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
+def _optimizer_settings(optimizers: list[str], opt_cfg) -> dict[str, dict]:
+    """Each optimizer's hyperparameters as used: the command line's, else the task's defaults, else
+    ngcuda.KFAC's own (for metrics.json, so that a run can be repeated without knowing the defaults)."""
+    import inspect
+
+    from .train.optimizers import kfac_available
+
+    kfac_defaults = {}
+    if kfac_available():
+        import ngcuda
+
+        kfac_defaults = {k: p.default for k, p in inspect.signature(ngcuda.KFAC).parameters.items()
+                         if p.default is not inspect.Parameter.empty}
+    out = {}
+    for name in optimizers:
+        cfg = opt_cfg.for_optimizer(name)
+        row: dict = {"lr": opt_cfg.lr_for(name), "weight_decay": cfg.weight_decay}
+        if name in ("sgd", "kfac", "kfac-sgd"):  # Adam and Adam-KFAC have no momentum setting
+            row["momentum"] = cfg.momentum
+        if name.startswith("kfac"):
+            for key in ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "fisher_type",
+                        "factor_structure", "gcn_factoring"):
+                value = cfg.kfac_option(key)
+                row[key] = kfac_defaults.get(key) if value is None else value
+            row["adaptive_damping"], row["ekfac"] = cfg.adaptive_damping, cfg.ekfac
+        out[name] = row
+    return out
+
+
+def _versions() -> dict:
+    from ._extension import build_info
+
+    return {"torch": torch.__version__, "build": build_info()}
+
+
 def _optimizer_config(args: argparse.Namespace, task: str, weight_decay: float):
     """The OptimizerConfig of the common options; `weight_decay` applies when --weight-decay is not given."""
     from .train import OptimizerConfig
@@ -374,9 +455,11 @@ def _side_by_side(
     args: argparse.Namespace,
     train_one: Callable[[str, int, Callable[[dict], None]], dict],
     postfix: Callable[[dict], dict[str, str]],
+    on_run: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Runs train_one(name, seed, on_epoch) for every seed and optimizer under one progress bar
-    (showing postfix(row) after each epoch); returns the runs in that order."""
+    (showing postfix(row) after each epoch), calling on_run(runs so far) after each; returns the runs
+    in that order."""
     runs = []
     bar = _progress(len(optimizers) * len(seeds) * args.epochs, args.quiet)
     try:
@@ -389,6 +472,8 @@ def _side_by_side(
                     bar.set_postfix(**postfix(row), refresh=False)
 
                 runs.append(train_one(name, seed, tick))
+                if on_run is not None:
+                    on_run(runs)
     finally:
         bar.close()
     return runs
@@ -405,11 +490,13 @@ class _MnistJob:
     x_test: torch.Tensor
     source: str
 
-    def payload(self, args: argparse.Namespace, summary: dict, runs: list[dict], **extra) -> dict:
-        """The metrics.json contents."""
+    def payload(self, args: argparse.Namespace, opt_cfg, summary: dict | None, runs: list[dict],
+                **extra) -> dict:
+        """The metrics.json contents; `summary` None while runs are still to come."""
         config = _config(args) | {"optimizers": self.optimizers, "seeds": self.seeds, "data": self.source}
-        return {"command": args.command, "config": config, "device": str(self.device), **extra,
-                "summary": summary, "runs": runs}
+        return {"command": args.command, "complete": summary is not None, "config": config,
+                "optimizer_settings": _optimizer_settings(self.optimizers, opt_cfg), "ngcuda": _versions(),
+                "device": str(self.device), **extra, "summary": summary, "runs": runs}
 
 
 def _mnist_job(parser: argparse.ArgumentParser, args: argparse.Namespace, default_optimizers: list[str]
@@ -443,6 +530,14 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--split {args.split}: {args.dataset} has only the random split (20/30 per class)")
     if args.distributed and args.pseudo_label_gamma is not None:
         parser.error("--pseudo-label-gamma is not supported with --distributed")
+    if args.batch_size and args.pseudo_label_gamma is not None:
+        parser.error("--pseudo-label-gamma needs full-batch training (not --batch-size): the pseudo-labels "
+                     "are taken over every unlabelled node each epoch")
+    if args.num_neighbors is not None and not args.batch_size:
+        parser.error("--num-neighbors applies to mini-batch training only (give --batch-size)")
+    structures = args.factor_structure if isinstance(args.factor_structure, dict) else {"*": args.factor_structure}
+    if args.distributed and any(v not in (None, "auto", "full") for v in structures.values()):
+        parser.error("--factor-structure: distributed runs use full factors only (auto or full)")
     if args.fisher_nodes == "all" and (args.distributed or args.batch_size):
         parser.error("--fisher-nodes all needs a full-batch, single-process run "
                      "(not --distributed or --batch-size)")
@@ -452,6 +547,13 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     optimizers = args.optimizers or ["kfac", "adam"]
     seeds = args.seeds or [0]
     _check_optimizers(parser, optimizers)
+    _device(parser, args.device)
+    try:
+        import torch_geometric  # noqa: F401
+    except ImportError:
+        print("ngcuda train: error: the GNN models need torch_geometric: pip install torch-geometric",
+              file=sys.stderr)
+        return 1
     rank, world = _init_distributed(parser, args.device, args.dist_timeout) if args.distributed else (0, 1)
     try:
         return _train(parser, args, optimizers, seeds, rank, world)
@@ -464,6 +566,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers: list[str], seeds: list[int],
            rank: int, world: int) -> int:
+    from .models import build_gnn
     from .train import NodeConfig, summarise_node_runs, train_node_classifier, write_metrics
     from .train.metrics import node_table
     from .train.plot import plot_runs
@@ -479,7 +582,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
     cfg = NodeConfig(
         model=args.model, hidden=args.hidden, dropout=args.dropout, layers=layers, skip=args.skip,
         epochs=args.epochs, pseudo_label_gamma=args.pseudo_label_gamma, normalize_features=args.normalize_features,
-        batch_size=args.batch_size, num_neighbors=args.num_neighbors,
+        batch_size=args.batch_size, num_neighbors=args.num_neighbors or (10, 10),
         input_dropout=args.input_dropout, fisher_nodes=args.fisher_nodes,
     )
     opt_cfg = _optimizer_config(args, "gnn", weight_decay=5e-4)
@@ -500,6 +603,10 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
         print(f"ngcuda train: error: {e}", file=sys.stderr)
         return 1
     g0 = graphs[seeds[0]]
+    _check_kfac_options(parser, optimizers, opt_cfg, lambda: build_gnn(
+        args.model, g0.num_features, g0.num_classes, args.hidden, args.dropout, layers, args.skip,
+        input_dropout=args.input_dropout))
+    out = _out_dir(parser, args.out) if rank == 0 else None
     if not args.quiet:
         print(
             f"{args.dataset}: {g0.num_nodes} nodes, {g0.num_edges} directed edges, {g0.num_features} features, "
@@ -509,41 +616,48 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, optimizers
             + (f"; mini-batches of {args.batch_size}" if args.batch_size else ""),
             flush=True,
         )
+
+    def payload(runs: list[dict], complete: bool) -> dict:
+        return {
+            "command": "train",
+            "complete": complete,
+            "world_size": world,
+            "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "split": split, "layers": layers},
+            "optimizer_settings": _optimizer_settings(optimizers, opt_cfg),
+            "ngcuda": _versions(),
+            "device": str(device),
+            "dataset": {
+                "name": g0.name, "nodes": g0.num_nodes, "edges": g0.num_edges, "features": g0.num_features,
+                "classes": g0.num_classes, "train": int(g0.train_mask.sum()), "val": int(g0.val_mask.sum()),
+                "test": int(g0.test_mask.sum()),
+            },
+            "selection": SELECTION_TEXT[args.select],
+            "summary": summarise_node_runs(runs, args.select) if complete else None,
+            "runs": runs,
+        }
+
     runs = _side_by_side(
         optimizers, seeds, args,
         lambda name, seed, tick: train_node_classifier(graphs[seed], name, seed, cfg, opt_cfg, device, tick),
         lambda row: {"loss": f"{row['train_loss']:.3f}", "val": f"{row['val_acc']:.3f}"},
+        None if out is None else lambda done: write_metrics(out, payload(done, complete=False)),
     )
     if rank != 0:
         return 0
-    summary = summarise_node_runs(runs, args.select)
-    out = _out_dir(args.out)
-    payload = {
-        "command": "train",
-        "world_size": world,
-        "config": _config(args) | {"optimizers": optimizers, "seeds": seeds, "split": split, "layers": layers},
-        "device": str(device),
-        "dataset": {
-            "name": g0.name, "nodes": g0.num_nodes, "edges": g0.num_edges, "features": g0.num_features,
-            "classes": g0.num_classes, "train": int(g0.train_mask.sum()), "val": int(g0.val_mask.sum()),
-            "test": int(g0.test_mask.sum()),
-        },
-        "selection": SELECTION_TEXT[args.select],
-        "summary": summary,
-        "runs": runs,
-    }
-    json_path, csv_path = write_metrics(out, payload)
+    final = payload(runs, complete=True)
+    json_path, csv_path = write_metrics(out, final)
     png = plot_runs(
         runs, out / "curves.png",
         [("val_acc", "validation accuracy", False), ("train_loss", "training loss", True)],
         f"{args.model} on {args.dataset} ({split} split), mean over {len(seeds)} seed(s)",
     )
-    print(node_table(summary))
+    print(node_table(final["summary"]))
     print(f"wrote {json_path}, {csv_path}, {png}")
     return 0
 
 
 def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .models import Autoencoder
     from .train import AEConfig, summarise_ae_runs, train_autoencoder, write_metrics
     from .train.metrics import ae_table
     from .train.plot import plot_runs
@@ -553,15 +667,17 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         return 1
     cfg = AEConfig(epochs=args.epochs, batch_size=args.batch_size, init=args.init)
     opt_cfg = _optimizer_config(args, "ae", weight_decay=0.0)
+    _check_kfac_options(parser, job.optimizers, opt_cfg, lambda: Autoencoder(init=args.init))
+    out = _out_dir(parser, args.out)
     runs = _side_by_side(
         job.optimizers, job.seeds, args,
         lambda name, seed, tick: train_autoencoder(job.x_train, job.x_test, name, seed, cfg, opt_cfg, job.device,
                                                    tick),
         lambda row: {"ce": f"{row['train_bce']:.1f}", "se": f"{row['train_sq_err']:.2f}"},
+        lambda done: write_metrics(out, job.payload(args, opt_cfg, None, done)),
     )
     summary = summarise_ae_runs(runs)
-    out = _out_dir(args.out)
-    json_path, csv_path = write_metrics(out, job.payload(args, summary, runs))
+    json_path, csv_path = write_metrics(out, job.payload(args, opt_cfg, summary, runs))
     png = plot_runs(
         runs, out / "curves.png",
         [("train_bce", "train cross-entropy / image", True), ("train_sq_err", "train squared error / image", True)],
@@ -573,6 +689,7 @@ def cmd_train_ae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 
 def cmd_train_vae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .models import VAE
     from .train import VAEConfig, summarise_vae_runs, train_vae, write_metrics
     from .train.metrics import vae_table
     from .train.plot import plot_runs, plot_vae_grid
@@ -584,7 +701,8 @@ def cmd_train_vae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     cfg = VAEConfig(epochs=args.epochs, batch_size=args.batch_size, latent=args.latent,
                     kl_curvature=args.kl_curvature)
     opt_cfg = _optimizer_config(args, "vae", weight_decay=0.0)
-    out = _out_dir(args.out)
+    _check_kfac_options(parser, job.optimizers, opt_cfg, lambda: VAE(latent=args.latent))
+    out = _out_dir(parser, args.out)
     grids = []
 
     def train_one(name: str, seed: int, tick: Callable[[dict], None]) -> dict:
@@ -595,13 +713,14 @@ def cmd_train_vae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                                        f"VAE, {name}, seed {seed}, after {args.epochs} epochs"))
         return run
 
+    metrics = "per image, one z sample per image from a fixed noise seed: neg_elbo = bce + kl"
     runs = _side_by_side(
         job.optimizers, job.seeds, args, train_one,
         lambda row: {"elbo": f"{-row['train_neg_elbo']:.1f}", "ce": f"{row['test_bce']:.1f}"},
+        lambda done: write_metrics(out, job.payload(args, opt_cfg, None, done, metrics=metrics)),
     )
     summary = summarise_vae_runs(runs, args.time_budget)
-    payload = job.payload(args, summary, runs,
-                          metrics="per image, one z sample per image from a fixed noise seed: neg_elbo = bce + kl")
+    payload = job.payload(args, opt_cfg, summary, runs, metrics=metrics)
     json_path, csv_path = write_metrics(out, payload)
     png = plot_runs(
         runs, out / "curves.png",

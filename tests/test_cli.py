@@ -52,6 +52,12 @@ def _one_thread(one_thread):
         (["train", "--fisher-nodes", "all", "--batch-size", "8"], "full-batch, single-process"),
         (["train", "--fisher-nodes", "all", "--optimizers", "kfac,kfac-adam", "--fisher-type",
           "kfac-adam=empirical"], "kfac-adam use the empirical"),
+        (["train", "--dropout", "1"], r"\[0, 1\)"),
+        (["train", "--seeds", "4294967296,"], r"0\.\.4294967295"),
+        (["train", "--seeds", "100000"], "at most 10000"),
+        (["train", "--pseudo-label-gamma", "3", "--batch-size", "8"], "needs full-batch training"),
+        (["train", "--num-neighbors", "5,5"], "mini-batch training only"),
+        (["train", "--distributed", "--factor-structure", "conv1=diag"], "full factors only"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -69,6 +75,125 @@ def test_kfac_missing_is_a_clear_error(capsys):
         main(["train", "--epochs", "1"])  # the default optimizers include kfac
     assert e.value.code == 2
     assert "no ngcuda.KFAC" in capsys.readouterr().err
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("training started although the options were bad")
+
+
+@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
+@pytest.mark.parametrize("argv,message", [
+    (["--optimizers", "adam,kfac", "--factor-structure", "conv3=diag"], "unknown layer.*conv3"),
+    (["--gcn-factoring", "input", "--factor-structure", "conv1=diag"], r"conv1.*registered: conv1\.lin"),
+])
+def test_kfac_option_errors_come_before_any_run(tmp_path, monkeypatch, capsys, argv, message):
+    import re
+
+    import ngcuda.train
+
+    monkeypatch.setattr(ngcuda.train, "train_node_classifier", _no_training)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epochs", "2", "--out", str(tmp_path / "o"), "--quiet", *argv])
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_out_fails_before_training(tmp_path, monkeypatch, capsys):
+    import ngcuda.train
+
+    monkeypatch.setattr(ngcuda.train, "train_node_classifier", _no_training)
+    monkeypatch.setattr(ngcuda.train, "train_autoencoder", _no_training)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv in (["train", "--optimizers", "adam"], ["train-ae", "--optimizers", "adam", "--train-size", "10"],
+                 ["train", "--optimizers", "adam", "--out", str(afile / "sub")]):
+        out = [] if "--out" in argv else ["--out", str(afile)]
+        with pytest.raises(SystemExit) as e:
+            main([*argv, *out, "--quiet"])
+        assert e.value.code == 2
+        assert "afile" in capsys.readouterr().err
+    assert afile.read_text() == "x"
+
+
+def test_default_out_folders_are_never_shared(tmp_path, monkeypatch):
+    import argparse
+
+    from ngcuda.cli import _out_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261203-120000")
+    parser = argparse.ArgumentParser()
+    first, second = _out_dir(parser, None), _out_dir(parser, None)
+    assert first == Path("runs/20261203-120000") and second == Path("runs/20261203-120000-2")
+    assert first.is_dir() and second.is_dir()
+
+
+def test_finished_runs_are_written_when_a_later_one_fails(tmp_path, monkeypatch):
+    import ngcuda.train
+
+    def fake(graph, name, seed, cfg, opt_cfg, device, on_epoch=None):
+        if name == "sgd":
+            raise RuntimeError("out of memory")
+        row = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "train_acc": 0.5, "val_acc": 0.5,
+               "test_acc": 0.5, "seconds": 0.1}
+        on_epoch(row)
+        return {"optimizer": name, "seed": seed, "history": [row]}
+
+    monkeypatch.setattr(ngcuda.train, "train_node_classifier", fake)
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["train", "--optimizers", "adam,sgd", "--epochs", "1", "--out", str(out), "--quiet"])
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["complete"] is False and payload["summary"] is None
+    assert [(r["optimizer"], r["seed"]) for r in payload["runs"]] == [("adam", 0)]
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json"]  # no temporary files left
+
+
+def test_metrics_json_is_strict_json_when_a_run_diverges(tmp_path):
+    from ngcuda.train import write_metrics
+
+    def strict(text: str):
+        def refuse(name):
+            raise ValueError(name)
+
+        return json.loads(text, parse_constant=refuse)
+
+    run = {"optimizer": "kfac", "seed": 0, "history": [{"epoch": 1, "train_loss": float("nan"),
+                                                        "val_loss": float("inf"), "seconds": 0.1}]}
+    json_path, csv_path = write_metrics(tmp_path, {"summary": {"kfac": {"loss": -float("inf")}}, "runs": [run]})
+    payload = strict(json_path.read_text())
+    assert payload["runs"][0]["history"][0]["train_loss"] is None
+    assert payload["runs"][0]["history"][0]["val_loss"] is None and payload["summary"]["kfac"]["loss"] is None
+    assert list(csv.DictReader(open(csv_path)))[0]["train_loss"] == "nan"
+
+
+def test_commands_run_without_torch_geometric(tmp_path):
+    code = ("import sys; sys.modules['torch_geometric'] = None\n"
+            "from ngcuda.cli import main\n"
+            "try:\n    main(['train-ae', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            f"sys.exit(main(['train', '--optimizers', 'adam', '--out', {str(tmp_path / 'o')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "MNIST autoencoder" in proc.stdout
+    assert "need torch_geometric: pip install torch-geometric" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["npz", "idx"])
+def test_damaged_data_is_reported(tmp_path, capsys, damage):
+    if damage == "npz":
+        (tmp_path / "ms_academic_cs.npz").write_bytes(b"PK\x03\x04 cut short")
+        argv = ["train", "--dataset", "coauthor-cs", "--optimizers", "adam"]
+        name = "ms_academic_cs.npz"
+    else:
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte"):
+            (tmp_path / f"{stem}.gz").write_bytes(b"<html>not found</html>")
+        argv = ["train-ae", "--optimizers", "adam"]
+        name = "train-images-idx3-ubyte.gz"
+    assert main([*argv, "--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert name in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_parse_seeds():
@@ -93,6 +218,9 @@ def test_train_end_to_end(tmp_path, capsys):
     assert "test acc" in printed and "adam" in printed and "sgd" in printed
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["dataset"]["nodes"] == 2708 and payload["config"]["seeds"] == [0, 1]
+    assert payload["complete"] is True and payload["ngcuda"]["torch"] == torch.__version__
+    assert payload["optimizer_settings"] == {"adam": {"lr": 0.01, "weight_decay": 5e-4},
+                                             "sgd": {"lr": 0.2, "weight_decay": 5e-4, "momentum": 0.9}}
     assert [(r["optimizer"], r["seed"]) for r in payload["runs"]] == [("adam", 0), ("sgd", 0), ("adam", 1), ("sgd", 1)]
     for run in payload["runs"]:
         hist = run["history"]

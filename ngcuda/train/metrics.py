@@ -4,8 +4,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -169,18 +170,47 @@ def summarise_vae_runs(
     return out
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and ±inf (a diverged run) as null: strict JSON readers (jq, JavaScript) refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _replace_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    """write(file) into a temporary file next to `path`, then rename it over `path`: a reader (or a crash)
+    sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_metrics(out_dir: Path, payload: dict[str, Any]) -> tuple[Path, Path]:
-    """Write payload as metrics.json and its per-epoch rows (optimizer, seed, epoch, ...) as metrics.csv."""
+    """Write payload as metrics.json and its per-epoch rows (optimizer, seed, epoch, ...) as metrics.csv,
+    each replaced atomically (the main job rewrites both after every run). Non-finite numbers are null
+    in the JSON and nan/inf in the CSV."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "metrics.json"
-    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    text = json.dumps(_json_safe(payload), indent=2, default=str, allow_nan=False) + "\n"
+    _replace_atomically(json_path, lambda f: f.write(text))
     rows = [{"optimizer": r["optimizer"], "seed": r["seed"], **h} for r in payload["runs"] for h in r["history"]]
     csv_path = out_dir / "metrics.csv"
-    with open(csv_path, "w", newline="") as f:
+
+    def write_csv(f: Any) -> None:
         fields = list(rows[0]) if rows else ["optimizer", "seed", "epoch"]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+    _replace_atomically(csv_path, write_csv)
     return json_path, csv_path
 
 

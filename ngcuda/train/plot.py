@@ -1,4 +1,5 @@
-"""Curves of the runs against epochs and against seconds (PNG, matplotlib Agg)."""
+"""Curves of the runs against epochs and against seconds (PNG). Figures are drawn through
+matplotlib's object interface, not pyplot, so the host process's backend (a notebook's) is left alone."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,12 +20,10 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nd
 def plot_runs(runs: list[dict[str, Any]], path: Path, panels: list[tuple[str, str, bool]], title: str) -> Path:
     """One row per panel (key, label, log-scale), curves per optimizer (mean over seeds), against epochs
     (left) and seconds (right)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    fig = Figure(figsize=(11, 3.6 * len(panels)))
+    axes = fig.subplots(len(panels), 2, squeeze=False)
     names = list(dict.fromkeys(r["optimizer"] for r in runs))
     for row, (key, label, log) in enumerate(panels):
         for name in names:
@@ -43,7 +42,6 @@ def plot_runs(runs: list[dict[str, Any]], path: Path, panels: list[tuple[str, st
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -62,16 +60,14 @@ def plot_vae_grid(originals: Any, reconstructions: Any, samples: Any, path: Path
                   cols: int = 10) -> Path:
     """Two panels: test images above their reconstructions (pairs of rows), and samples from the prior.
     originals, reconstructions [K, 784], samples [M, 784]: pixel values in [0, 1] (tensors or arrays)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     orig, rec, drawn = (np.asarray(a, dtype=np.float32) for a in (originals, reconstructions, samples))
     pairs = []
     for i in range(0, orig.shape[0], cols):  # a row of images, then the row of their reconstructions
         pairs += [orig[i : i + cols], rec[i : i + cols]]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
     for ax, canvas, label in ((axes[0], _tile(np.concatenate(pairs), cols), "test images / reconstructions"),
                               (axes[1], _tile(drawn, cols), "samples from the prior")):
         ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -81,5 +77,4 @@ def plot_vae_grid(originals: Any, reconstructions: Any, samples: Any, path: Path
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
