@@ -92,6 +92,18 @@ def _as_float(v: Any) -> float:
     return float(v.detach()) if isinstance(v, Tensor) else float(v)
 
 
+def _checked(name: str, value: Any, t: int, positive: bool = False) -> float:
+    """``value`` at step ``t`` as a float. The constructor checks plain numbers; what a callable
+    returns (or what was written into a param group since) is only known here."""
+    v = _resolve(value, t)
+    ok = isinstance(v, (int, float, Tensor)) and not isinstance(v, bool)
+    f = _as_float(v) if ok else math.nan
+    if not (math.isfinite(f) and (f > 0.0 if positive else f >= 0.0)):
+        raise ValueError(f"{name} at step {t} must be a finite number "
+                         f"{'> 0' if positive else '>= 0'}, got {v!r}")
+    return f
+
+
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
     """Per tensor: no NaN/Inf. One host sync for the whole list, since the max-abs norm
     propagates NaN and turns any Inf into Inf."""
@@ -138,7 +150,8 @@ class KFAC(torch.optim.Optimizer):
     Args:
         model: the module whose Linear / PyG layers are registered (see :meth:`layers`).
         lr: learning rate (ignored with ``base_optimizer``, which has its own).
-        damping: Tikhonov γ, exact in the eigenbasis: ``(A⊗G + γI)⁻¹``.
+        damping: Tikhonov γ > 0, exact in the eigenbasis: ``(A⊗G + γI)⁻¹`` (A and G are often
+            singular, e.g. G of a softmax output, so γ = 0 divides by zero).
         momentum: heavy-ball momentum on the preconditioned update (standalone mode).
         weight_decay: η; ``η θ`` is ADDED TO THE GRADIENT BEFORE PRECONDITIONING (an L2 penalty),
             unless ``decoupled_weight_decay``.
@@ -208,6 +221,8 @@ class KFAC(torch.optim.Optimizer):
             bad_number = not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v)
             if not callable(v) and bad_number:
                 raise ValueError(f"{name} must be a finite number >= 0 or a callable, got {v!r}")
+        if not callable(damping) and damping <= 0:
+            raise ValueError(f"damping must be > 0 (A and G are often singular), got {damping!r}")
         if not callable(factor_decay) and factor_decay > 1:
             raise ValueError(f"factor_decay must be in [0, 1], got {factor_decay}")
         for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every)):
@@ -860,7 +875,7 @@ class KFAC(torch.optim.Optimizer):
             wd = float(_resolve(group["weight_decay"], t))
             if wd and not group.get("decoupled_weight_decay", False):
                 g = torch.add(g, layer.param_matrix(), alpha=wd)
-            damping = float(_resolve(group["damping"], t))
+            damping = _checked("damping", group["damping"], t, positive=True)
             if shared:
                 cands.append((i, layer, g))
                 if not mine:
@@ -888,10 +903,28 @@ class KFAC(torch.optim.Optimizer):
         if not done:
             return {}, []
         kl = _resolve(self.param_groups[0]["kl_clip"], t)
-        nu = 1.0
+        dots: list[float] = []
         if kl:
-            dots = torch.stack([torch.vdot(v.reshape(-1), g.reshape(-1)) for _, g, v, _ in done])
-            vg = sum(d * lr * lr for d, (*_, lr) in zip(dots.tolist(), done))
+            dots = torch.stack([torch.vdot(v.reshape(-1), g.reshape(-1))
+                                for _, g, v, _ in done]).tolist()
+            # g is finite (bad gradients were left out), so a NaN/Inf in v makes vᵀg non-finite:
+            # the clip's one host sync also finds the non-finite updates.
+            finite = [math.isfinite(d) for d in dots]
+        else:
+            finite = _all_finite([v for _, _, v, _ in done])
+        if not all(finite):
+            # e.g. a tiny damping over a near-singular factor: treated as a non-finite gradient
+            skipped = [layer for (layer, *_), ok in zip(done, finite) if not ok]
+            for layer in skipped:
+                bad.update(id(p) for p in layer.params())
+            self._warn(None, "non-finite preconditioned update in layer(s) "
+                             f"{', '.join(lay.name for lay in skipped)} (damping too small?); "
+                             "those layers are skipped this step and their state is left unchanged")
+            dots = [d for d, ok in zip(dots, finite) if ok]
+            done = [e for e, ok in zip(done, finite) if ok]
+        nu = 1.0
+        if kl and done:
+            vg = sum(d * lr * lr for d, (*_, lr) in zip(dots, done))
             nu = kl_clip_scale(vg, 1.0, kl)
         updates: dict[int, Tensor] = {}
         for layer, _, v, _ in done:
