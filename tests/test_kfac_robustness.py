@@ -82,3 +82,105 @@ def test_non_finite_preconditioned_update_is_skipped_like_a_non_finite_gradient(
     kfac_step(model, opt, x, y)  # a normal step afterwards trains as usual
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert not torch.equal(model[0].weight.detach(), before[0])
+
+
+# ------------------------------------------------------------------------- 2. frozen bias
+class AddConstant(nn.Module):
+    def __init__(self, c: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("c", c.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c
+
+
+def _lm_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> ngcuda.KFAC:
+    opt = ngcuda.KFAC(model, lr=0.5, damping=0.1, weight_decay=0.1, kl_clip=None,
+                      adaptive_damping=True, lm=ngcuda.optim.LMConfig(interval=1))
+
+    def closure():
+        opt.zero_grad()
+        out = model(x)
+        opt.set_outputs(out)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return opt
+
+
+def test_frozen_linear_bias_is_a_constant_not_a_preconditioned_column():
+    x, y = data()
+    frozen = mlp()
+    frozen[2].bias.requires_grad_(False)
+    with torch.no_grad():
+        frozen[2].bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    # the same function: a bias-free Linear followed by the same constant
+    ref = nn.Sequential(frozen[0], frozen[1], nn.Linear(5, 3, bias=False),
+                        AddConstant(frozen[2].bias))
+    ref = copy.deepcopy(ref)
+    with torch.no_grad():
+        ref[2].weight.copy_(frozen[2].weight)
+    ref.double()
+    opt = _lm_run(frozen, x, y)
+    ref_opt = _lm_run(ref, x, y)
+    assert [i.a_size for i in opt.layers()] == [5, 5]
+    assert torch.equal(frozen[2].bias, torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+    assert opt.param_groups[0]["damping"] == pytest.approx(ref_opt.param_groups[0]["damping"])
+    for p, q in ((frozen[0].weight, ref[0].weight), (frozen[0].bias, ref[0].bias),
+                 (frozen[2].weight, ref[2].weight)):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_gcn_bias_is_a_constant():
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.nn import GCNConv
+
+    torch.manual_seed(3)
+    n = 8
+    x = torch.randn(n, 4, dtype=torch.float64)
+    ei = torch.randint(0, n, (2, 20))
+    y = torch.randint(0, 3, (n,))
+    conv = GCNConv(4, 3).double()
+    with torch.no_grad():
+        conv.bias.copy_(torch.tensor([0.3, -0.2, 1.0]))
+    conv.bias.requires_grad_(False)
+    ref = GCNConv(4, 3, bias=False).double()
+    with torch.no_grad():
+        ref.lin.weight.copy_(conv.lin.weight)
+    const = conv.bias.detach().clone()
+
+    def run(module, add):
+        opt = ngcuda.KFAC(module, lr=0.5, damping=0.1, weight_decay=0.1, kl_clip=None)
+        for _ in range(2):
+            opt.zero_grad()
+            out = module(x, ei) + add
+            opt.set_outputs(out)
+            F.cross_entropy(out, y).backward()
+            opt.step()
+        return opt
+
+    opt = run(conv, 0.0)
+    run(ref, const)
+    assert [i.a_size for i in opt.layers()] == [4]
+    assert torch.allclose(conv.lin.weight, ref.lin.weight, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_weight_leaves_its_bias_to_the_plain_update():
+    x, y = data()
+    model = mlp()
+    model[2].weight.requires_grad_(False)
+    with pytest.warns(KFACWarning, match=r"2\.bias \(its layer's weight is frozen\)"):
+        opt = ngcuda.KFAC(model, lr=0.5, weight_decay=0.1, kl_clip=None)
+    assert [i.name for i in opt.layers()] == ["0"]
+    b0, w0 = model[2].bias.detach().clone(), model[2].weight.detach().clone()
+    opt.zero_grad()
+    out = model(x)
+    opt.set_outputs(out)
+    F.cross_entropy(out, y).backward()
+    expected = b0 - 0.5 * (model[2].bias.grad + 0.1 * b0)
+    opt.step()
+    assert torch.allclose(model[2].bias, expected, rtol=1e-12)
+    assert torch.equal(model[2].weight, w0)

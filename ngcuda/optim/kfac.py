@@ -261,15 +261,17 @@ class KFAC(torch.optim.Optimizer):
         self.seed = int(seed)
 
         self._capture = CaptureState()
-        self._layers, quiet = discover(model, self._capture, gcn_factoring)
+        self._layers, quiet, frozen_weight = discover(model, self._capture, gcn_factoring)
         self._names = {id(p): n for n, p in model.named_parameters()}
         covered = {id(p) for layer in self._layers for p in layer.params()}
         plain = [self._names[id(p)] for p in params if id(p) not in covered and id(p) not in quiet]
         self._plain_names = plain
         if plain:
+            why = [n + (" (its layer's weight is frozen)" if id(p) in frozen_weight else "")
+                   for n, p in model.named_parameters() if n in plain]
             warnings.warn(
                 f"ngcuda.KFAC: {len(plain)} parameter(s) belong to no supported layer and get the "
-                f"plain (unpreconditioned) update: {', '.join(plain)}", KFACWarning, stacklevel=2)
+                f"plain (unpreconditioned) update: {', '.join(why)}", KFACWarning, stacklevel=2)
         self.factor_budget = float(factor_budget)
         self._structures = self._configure_structures(factor_structure)
         # layers whose automatic choice assumed a constant input, to be checked at their next update

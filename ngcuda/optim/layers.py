@@ -3,7 +3,8 @@
 A helper owns the module hooks of one registered layer and knows three things:
 
 * which parameters it preconditions jointly, as one ``[d_out, d_in(+1)]`` matrix (the last column
-  is the bias when the layer has one);
+  is the bias when the layer has one that requires grad: a frozen bias is a constant, and the
+  layer is treated as bias-free);
 * how to turn the captured forward inputs into the statistic of its input factor ``A``;
 * where its output gradients (the rows of ``G``) come from.
 
@@ -133,7 +134,9 @@ class KFACLayer:
         self.name = name
         self.module = module
         self.weight = weight
-        self.bias = bias
+        # A frozen bias is a constant added to the output: the weight's Fisher block is then
+        # A(x)⊗G without a ones column, and a zero bias column would change its Schur complement.
+        self.bias = bias if bias is not None and bias.requires_grad else None
         self.state = state
         self.records: list[_Record] = []
         self.fired = False
@@ -337,7 +340,8 @@ class GCNLayer(KFACLayer):
 
     ``A = mean_i [(ÂH)_i, 1][(ÂH)_i, 1]ᵀ`` over all N nodes, via
     :func:`ngcuda.ops.sparse_factor_update_` on the layer's own ``Â``; ``G`` from ``∂L/∂Z`` at the
-    conv output; ``lin.weight`` and ``bias`` are one ``[d_out, d_in+1]`` block.
+    conv output; ``lin.weight`` and ``bias`` (when it requires grad) are one ``[d_out, d_in+1]``
+    block.
     """
 
     kind = "gcn"
@@ -456,24 +460,37 @@ LayerFactory = Callable[[str, nn.Module, CaptureState], Optional[KFACLayer]]
 
 
 def discover(model: nn.Module, state: CaptureState, gcn_factoring: str = "aggregated"
-             ) -> tuple[list[KFACLayer], set[int]]:
-    """Registers every supported layer of ``model``.
+             ) -> tuple[list[KFACLayer], set[int], set[int]]:
+    """Registers every supported layer of ``model`` whose weight requires grad (a frozen bias is
+    left out of its layer, see :class:`KFACLayer`).
 
-    Returns the helpers and the ids of parameters that are deliberately left to the plain update
-    without a warning (a GCNConv bias under ``gcn_factoring="input"``).
+    Returns the helpers, the ids of parameters that are deliberately left to the plain update
+    without a warning (a GCNConv bias under ``gcn_factoring="input"``), and the ids of trainable
+    biases of layers whose weight is frozen: their Fisher block is G alone, which no helper models,
+    so they get the plain update too.
     """
     if gcn_factoring not in ("aggregated", "input"):
         raise ValueError(f"gcn_factoring must be 'aggregated' or 'input', got {gcn_factoring!r}")
     modules = dict(model.named_modules())
     claimed: set[int] = set()
     quiet: set[int] = set()
+    frozen_weight: set[int] = set()
     layers: list[KFACLayer] = []
+
+    def weight_frozen(weight: Tensor, bias: Optional[Tensor]) -> bool:
+        if weight.requires_grad:
+            return False
+        if bias is not None and bias.requires_grad:
+            frozen_weight.add(id(bias))
+        return True
+
     pyg = _pyg() if "torch_geometric" in sys.modules else {}
     gcn_cls = pyg.get("GCNConv", ())
     gin_cls = pyg.get("GIN", ())
     for name, m in modules.items():
         if gcn_cls and isinstance(m, gcn_cls):
-            if not m.lin.weight.requires_grad:
+            if weight_frozen(m.lin.weight, m.bias):
+                claimed.add(id(m.lin))
                 continue
             if gcn_factoring == "aggregated":
                 layers.append(GCNLayer(name, m, state))
@@ -482,10 +499,10 @@ def discover(model: nn.Module, state: CaptureState, gcn_factoring: str = "aggreg
                 layers.append(LinearLayer(f"{name}.lin" if name else "lin", m.lin, state,
                                           kind="gcn-input"))
                 claimed.add(id(m.lin))
-                if m.bias is not None:
+                if m.bias is not None and m.bias.requires_grad:
                     quiet.add(id(m.bias))
     for name, m in modules.items():
-        if id(m) in claimed or not _is_linear(m) or not m.weight.requires_grad:
+        if id(m) in claimed or not _is_linear(m) or weight_frozen(m.weight, m.bias):
             continue
         kind = "linear"
         parts = name.split(".")
@@ -498,4 +515,4 @@ def discover(model: nn.Module, state: CaptureState, gcn_factoring: str = "aggreg
                     kind = "gin-mlp"
                     break
         layers.append(LinearLayer(name, m, state, kind=kind))
-    return layers, quiet
+    return layers, quiet, frozen_weight
