@@ -184,3 +184,54 @@ def test_frozen_weight_leaves_its_bias_to_the_plain_update():
     opt.step()
     assert torch.allclose(model[2].bias, expected, rtol=1e-12)
     assert torch.equal(model[2].weight, w0)
+
+
+# ------------------------------------------------------------------------- 3. empty batches
+def _factors(opt: ngcuda.KFAC, model: nn.Module) -> list[torch.Tensor]:
+    return [opt.state[m.weight][k].clone() for m in (model[0], model[2]) for k in ("A", "G")]
+
+
+@pytest.mark.parametrize("fisher_type", ["true", "empirical"])
+def test_all_false_mask_adds_no_statistics_and_still_steps(fisher_type):
+    model = mlp()
+    opt = ngcuda.KFAC(model, lr=0.1, weight_decay=0.1, fisher_type=fisher_type, inverse_every=1)
+    x, y = data()
+    none = torch.zeros(len(x), dtype=torch.bool)
+    w0 = model[0].weight.detach().clone()
+    kfac_step(model, opt, x, y, mask=none)  # no factors yet: the plain (decay-only) update
+    assert "A" not in opt.state[model[0].weight]
+    assert torch.allclose(model[0].weight, w0 * (1 - 0.1 * 0.1), rtol=1e-12)
+    kfac_step(model, opt, x, y)
+    before, w1 = _factors(opt, model), model[0].weight.detach().clone()
+    kfac_step(model, opt, x, y, mask=none)  # preconditioned with the existing factors
+    for a, b in zip(_factors(opt, model), before):
+        assert torch.equal(a, b)
+    assert not torch.equal(model[0].weight, w1)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("fisher_type", ["true", "empirical"])
+def test_empty_batch_adds_no_statistics(fisher_type):
+    model = mlp()
+    opt = ngcuda.KFAC(model, lr=0.1, fisher_type=fisher_type)
+    x, y = data()
+    kfac_step(model, opt, x, y)
+    before = _factors(opt, model)
+    for set_outputs in (True, False):
+        opt.zero_grad()
+        out = model(x[:0])
+        if set_outputs:
+            opt.set_outputs(out)
+        F.cross_entropy(out, y[:0], reduction="sum").backward()
+        opt.step()
+    for a, b in zip(_factors(opt, model), before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian", "bernoulli"])
+def test_sampled_nll_of_no_rows_is_zero(likelihood):
+    from ngcuda.optim.fisher import sampled_nll
+
+    out = torch.randn(5, 3, requires_grad=True)
+    loss = sampled_nll(out, likelihood, torch.zeros(5, dtype=torch.bool), torch.Generator())
+    assert float(loss.detach()) == 0.0

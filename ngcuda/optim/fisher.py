@@ -29,6 +29,7 @@ covariance is the sum of the two curvatures. This is the sampled Fisher of a Gau
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -102,6 +103,11 @@ def example_rows(outputs: Tensor, mask: Optional[Tensor]) -> ExampleRows:
     return ExampleRows(w, rows, float(w.sum()), unit)
 
 
+def _per_row(t: Tensor) -> Tensor:
+    """[R, ...] -> [R, prod(...)]; unlike reshape(R, -1), also for R = 0 (an empty selection)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 def sampled_nll(outputs: Tensor, likelihood: str, weight: Union[Tensor, ExampleRows],
                 generator: Optional[torch.Generator]) -> Tensor:
     """``Σ_i √w_i · (−log p(ỹ_i | z_i))`` with ``ỹ_i`` sampled from the model (scalar).
@@ -116,7 +122,7 @@ def sampled_nll(outputs: Tensor, likelihood: str, weight: Union[Tensor, ExampleR
     with torch.no_grad():
         zd = z.detach().float()
         if likelihood == "categorical":
-            probs = torch.softmax(zd.reshape(zd.shape[0], -1), dim=1)
+            probs = torch.softmax(_per_row(zd), dim=1)
             target = torch.multinomial(probs, 1, generator=generator).flatten()
         elif likelihood == "gaussian":
             noise = torch.randn(zd.shape, generator=generator, device=zd.device, dtype=zd.dtype)
@@ -124,12 +130,12 @@ def sampled_nll(outputs: Tensor, likelihood: str, weight: Union[Tensor, ExampleR
         else:
             target = torch.bernoulli(torch.sigmoid(zd), generator=generator).to(z.dtype)
     if likelihood == "categorical":
-        nll = F.cross_entropy(z.reshape(z.shape[0], -1), target, reduction="none")
+        nll = F.cross_entropy(_per_row(z), target, reduction="none")
     elif likelihood == "gaussian":
-        nll = 0.5 * (z - target).pow(2).reshape(z.shape[0], -1).sum(1)
+        nll = 0.5 * _per_row((z - target).pow(2)).sum(1)
     else:
         nll = F.binary_cross_entropy_with_logits(z, target, reduction="none")
-        nll = nll.reshape(z.shape[0], -1).sum(1)
+        nll = _per_row(nll).sum(1)
     if ex.unit:
         return nll.sum()
     # √w: a row of weight w then adds w·(its per-row Fisher) to Σ ĝĝᵀ, i.e. a weighted mean.

@@ -356,7 +356,7 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("outputs must be part of the autograd graph (requires_grad)")
         edges = [r.edge for layer in self._layers for r in layer.records]
         loss = None
-        if edges:
+        if edges and ex.rows.numel():  # an empty selection has no Fisher to sample
             gen = self._generator(outputs.device)
             loss = sampled_nll(outputs, lik, ex, gen)
             for tensor, hessian in extra_terms:
@@ -615,19 +615,19 @@ class KFAC(torch.optim.Optimizer):
                    key=lambda r: r.seq, default=None)
         if last is None:
             return None
-        g = last.grad.reshape(last.grad.shape[0], -1) if last.grad.dim() > 1 else last.grad[:, None]
+        g = last.grad.reshape(last.grad.shape[0], math.prod(last.grad.shape[1:]))  # 0 rows too
         return float((g != 0).any(1).sum())
 
     def _factor_statistics(self, t: int) -> list[tuple]:
         """This process's statistics: per captured layer ``(layer, state, A stat or None when its
         constant input did not change, G stat, signature, records, G rows)``."""
+        n = self._examples()
+        if not n:
+            return []  # an empty batch or mask: no statistics, the factors stay as they are
         fisher = self.fisher_type == "true" and self._fisher_ready
         if self.fisher_type == "true" and not self._fisher_ready:
             self._warn("fisher", "fisher_type='true' but set_outputs(...) was not called before "
                                  "backward; falling back to the empirical Fisher")
-        n = self._examples()
-        if not n:
-            return []
         pending = []
         for layer in self._layers:
             recs = layer.used_records()
