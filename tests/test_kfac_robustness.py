@@ -235,3 +235,34 @@ def test_sampled_nll_of_no_rows_is_zero(likelihood):
     out = torch.randn(5, 3, requires_grad=True)
     loss = sampled_nll(out, likelihood, torch.zeros(5, dtype=torch.bool), torch.Generator())
     assert float(loss.detach()) == 0.0
+
+
+# ------------------------------------------------------------------------- 4. EKFAC scales
+def _block(lin: nn.Linear, what: str) -> torch.Tensor:
+    w, b = (lin.weight.grad, lin.bias.grad) if what == "grad" else (lin.weight, lin.bias)
+    return torch.cat([w, b[:, None]], 1).detach().clone()
+
+
+def test_ekfac_scales_of_an_older_basis_are_not_used_with_a_new_one():
+    # factor_every=2, inverse_every=5: the scales are re-estimated at step 4, the eigenbasis
+    # changes at step 5 (without new rows): step 5 must fall back to the K-FAC eigenvalues.
+    model = mlp()
+    lr, damping = 0.1, 0.3
+    opt = ngcuda.KFAC(model, lr=lr, damping=damping, ekfac=True, factor_every=2, inverse_every=5,
+                      kl_clip=None, fisher_type="empirical")
+    x, y = data()
+    for _ in range(5):
+        kfac_step(model, opt, x, y)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    lins = (model[0], model[2])
+    grads, params = [_block(m, "grad") for m in lins], [_block(m, "param") for m in lins]
+    st = [opt.state[m.weight] for m in lins]
+    assert st[0]["S_step"] == 4
+    opt.step()
+    for m, s, g, p in zip(lins, st, grads, params):
+        assert s["basis_step"] == 5
+        expected = dense_kfac_solve(s["A"], s["G"], g, damping)
+        assert rel_err((p - _block(m, "param")) / lr, expected) <= 1e-8
+    kfac_step(model, opt, x, y)  # new rows at step 6: scales in the new basis again
+    assert st[0]["S_step"] == 6 and st[0]["basis_step"] == 5

@@ -845,6 +845,15 @@ class KFAC(torch.optim.Optimizer):
                 st["S"].mul_(decay).add_(s, alpha=1.0 - decay)
             st["S_step"] = t
 
+    def _ekfac_scales(self, st: dict) -> Optional[Tensor]:
+        """The EKFAC scales S if they were estimated in the current eigenbasis, else None (plain
+        K-FAC eigenvalues): when factor_every and inverse_every differ, a new basis can come
+        before the rows that re-estimate S in it, and S of the old basis would scale the wrong
+        directions."""
+        if not self.ekfac or "S" not in st or st.get("S_step", -1) < st.get("basis_step", 0):
+            return None
+        return st["S"]
+
     def _lr_of(self, groups: dict[int, dict], p: nn.Parameter, t: int) -> float:
         if self.base_optimizer is not None:
             for g in self.base_optimizer.param_groups:
@@ -882,8 +891,9 @@ class KFAC(torch.optim.Optimizer):
                 cands.append((i, layer, g))
                 if not mine:
                     continue
-            if self.ekfac and "S" in st and struct.batched:
-                v = ekfac_precondition(g, st["QA"], st["QG"], st["S"], damping)
+            S = self._ekfac_scales(st)
+            if S is not None and struct.batched:
+                v = ekfac_precondition(g, st["QA"], st["QG"], S, damping)
                 done.append((layer, g, v, self._lr_of(groups, layer.weight, t)))
             elif not struct.batched:
                 v = struct.precondition(g, st, st["QG"], st["lamG"], damping)
@@ -1012,8 +1022,7 @@ class KFAC(torch.optim.Optimizer):
                 quad += (gd * struct.right_apply(st, delta)).sum().double().cpu()
                 continue
             quad += damped_curvature_energy(delta, st["QA"], st["lamA"], st["QG"], st["lamG"],
-                                            0.0, st.get("S") if self.ekfac else None
-                                            ).double().cpu()
+                                            0.0, self._ekfac_scales(st)).double().cpu()
         predicted = float(lin + 0.5 * quad)
         self._capture.enabled = False
         try:
