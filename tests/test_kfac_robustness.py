@@ -266,3 +266,51 @@ def test_ekfac_scales_of_an_older_basis_are_not_used_with_a_new_one():
         assert rel_err((p - _block(m, "param")) / lr, expected) <= 1e-8
     kfac_step(model, opt, x, y)  # new rows at step 6: scales in the new basis again
     assert st[0]["S_step"] == 6 and st[0]["basis_step"] == 5
+
+
+# ------------------------------------------------------------------------- 5. accumulation
+def _accumulate(model: nn.Module, opt: ngcuda.KFAC, x: torch.Tensor, y: torch.Tensor, k: int,
+                set_outputs: bool) -> list[torch.Tensor]:
+    """k forward/backward passes of loss/k (the full batch's mean gradient), then one step;
+    returns the output logits of each micro-batch."""
+    opt.zero_grad()
+    outs = []
+    for xb, yb in zip(x.chunk(k), y.chunk(k)):
+        out = model(xb)
+        if set_outputs:
+            opt.set_outputs(out)
+        (F.cross_entropy(out, yb) / k).backward()
+        outs.append(out.detach())
+    opt.step()
+    return outs
+
+
+@pytest.mark.parametrize("set_outputs", [True, False])
+def test_accumulated_micro_batches_give_the_full_batch_empirical_factors(set_outputs):
+    x, y = data(n=16)
+    full, acc = mlp(), mlp()
+    kw = dict(lr=0.1, fisher_type="empirical", kl_clip=None, inverse_every=1)
+    full_opt, acc_opt = ngcuda.KFAC(full, **kw), ngcuda.KFAC(acc, **kw)
+    for _ in range(2):
+        _accumulate(full, full_opt, x, y, 1, set_outputs)
+        _accumulate(acc, acc_opt, x, y, 4, set_outputs)
+    for m, n in ((full[0], acc[0]), (full[2], acc[2])):
+        for key in ("A", "G"):
+            torch.testing.assert_close(acc_opt.state[n.weight][key], full_opt.state[m.weight][key],
+                                       rtol=1e-8, atol=0)
+    for p, q in zip(full.parameters(), acc.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-8, atol=1e-12)
+
+
+def test_accumulated_micro_batches_give_the_true_fisher_over_all_their_rows():
+    x, y = data(n=16)
+    model = mlp()
+    opt = ngcuda.KFAC(model, lr=0.1, seed=5)
+    outs = _accumulate(model, opt, x, y, 4, set_outputs=True)
+    gen = torch.Generator().manual_seed(5)  # replay the sampled targets
+    rows = []
+    for z in outs:
+        target = torch.multinomial(torch.softmax(z.float(), 1), 1, generator=gen).flatten()
+        rows.append(torch.softmax(z, 1) - F.one_hot(target, 3).double())
+    g = torch.cat(rows)
+    torch.testing.assert_close(opt.state[model[2].weight]["G"], g.T @ g / 16, rtol=1e-8, atol=0)

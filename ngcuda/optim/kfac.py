@@ -28,9 +28,10 @@ the layer output (for inner GCN layers these include the unlabelled neighbours t
 in: K-FAC-expand) and divides by the number of examples ``n``. ``A`` is the mean of ``ā āᵀ`` over
 ALL rows (all N nodes, as Izadi et al.), whatever the mask. ``n`` is the total row weight passed to
 :meth:`KFAC.set_outputs` (the mask), or, without it, the number of non-zero rows of the output
-gradient of the last layer that ran forward. With sampled targets (true Fisher) ``ĝ_i`` is the
-gradient of ``Σ_i √w_i·(−log p(ỹ_i|z_i))``, so a row of weight ``w_i`` (a pseudo-label weight)
-contributes ``w_i`` times its per-row Fisher and ``G`` is a weighted mean.
+gradient of the layer that ran forward last; both are summed over the calls of the step (k
+accumulated micro-batches, see :meth:`KFAC.set_outputs`). With sampled targets (true Fisher)
+``ĝ_i`` is the gradient of ``Σ_i √w_i·(−log p(ỹ_i|z_i))``, so a row of weight ``w_i`` (a
+pseudo-label weight) contributes ``w_i`` times its per-row Fisher and ``G`` is a weighted mean.
 """
 from __future__ import annotations
 
@@ -340,13 +341,24 @@ class KFAC(torch.optim.Optimizer):
 
         Cost: with ``fisher_type="true"``, on factor-update steps only, one sampled-target
         backward pass through the graph (which is retained for your backward); otherwise nothing.
+
+        Gradient accumulation: for k micro-batches, call it after each forward (and backward
+        ``loss / k``), then ``step()`` once; the rows and example counts of every call add up, so
+        the factors are those of the full batch. (Not in distributed runs with the true Fisher.)
         """
         if not self._capture.enabled:
             return
         if not isinstance(outputs, Tensor):
             raise TypeError(f"outputs must be a Tensor, got {type(outputs).__name__}")
         ex = self._example_rows(outputs, mask)
-        self._n_examples = ex.total
+        launch = self._dist is not None and self.fisher_type == "true" and self._capture.active
+        if launch and self._n_examples is not None:
+            raise RuntimeError("ngcuda.KFAC: set_outputs was called twice in one step; gradient "
+                               "accumulation over micro-batches is not supported in distributed "
+                               "runs with the true Fisher (the factor all-reduce starts here)")
+        # Micro-batches (forward, set_outputs, backward, k times, then one step): G sums the rows
+        # of every call, so it divides by every call's examples, as the full batch would.
+        self._n_examples = (self._n_examples or 0.0) + ex.total
         if self.fisher_type != "true" or not self._capture.active:
             return
         lik = normalize_likelihood(likelihood) or self.likelihood
@@ -611,12 +623,14 @@ class KFAC(torch.optim.Optimizer):
     def _examples(self) -> Optional[float]:
         if self._n_examples is not None:
             return self._n_examples
-        last = max((r for layer in self._layers for r in layer.records if r.grad is not None),
-                   key=lambda r: r.seq, default=None)
+        last = max(((layer, r) for layer in self._layers for r in layer.records
+                    if r.grad is not None), key=lambda e: e[1].seq, default=None)
         if last is None:
             return None
-        g = last.grad.reshape(last.grad.shape[0], math.prod(last.grad.shape[1:]))  # 0 rows too
-        return float((g != 0).any(1).sum())
+        # every call of that layer counts: k accumulated micro-batches are k calls
+        rows = [(r.grad.reshape(r.grad.shape[0], math.prod(r.grad.shape[1:])) != 0).any(1).sum()
+                for r in last[0].records if r.grad is not None]  # (the reshape takes 0 rows too)
+        return float(sum(rows))
 
     def _factor_statistics(self, t: int) -> list[tuple]:
         """This process's statistics: per captured layer ``(layer, state, A stat or None when its
