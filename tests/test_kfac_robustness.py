@@ -314,3 +314,34 @@ def test_accumulated_micro_batches_give_the_true_fisher_over_all_their_rows():
         rows.append(torch.softmax(z, 1) - F.one_hot(target, 3).double())
     g = torch.cat(rows)
     torch.testing.assert_close(opt.state[model[2].weight]["G"], g.T @ g / 16, rtol=1e-8, atol=0)
+
+
+# ------------------------------------------------------------------------- 6. base optimizer
+class Scaled(nn.Module):
+    """An MLP times a learnt scale: the scale belongs to no supported layer (plain update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.scale = nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+
+@pytest.mark.parametrize("base", [None, "sgd"])
+def test_weight_decay_is_an_l2_penalty_on_every_parameter_with_or_without_base(base):
+    x, y = data()
+    model = Scaled()
+    lr, wd = 0.1, 0.2
+    base_opt = None if base is None else torch.optim.SGD(model.parameters(), lr=lr)
+    with pytest.warns(KFACWarning, match="scale"):
+        opt = ngcuda.KFAC(model, lr=lr, weight_decay=wd, kl_clip=None, base_optimizer=base_opt)
+    s0 = model.scale.detach().clone()
+    opt.zero_grad()
+    out = model(x)
+    opt.set_outputs(out)
+    F.cross_entropy(out, y).backward()
+    expected = s0 - lr * (model.scale.grad + wd * s0)
+    opt.step()
+    torch.testing.assert_close(model.scale.detach(), expected, rtol=1e-12, atol=0)

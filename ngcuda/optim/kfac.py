@@ -155,7 +155,9 @@ class KFAC(torch.optim.Optimizer):
             singular, e.g. G of a softmax output, so γ = 0 divides by zero).
         momentum: heavy-ball momentum on the preconditioned update (standalone mode).
         weight_decay: η; ``η θ`` is ADDED TO THE GRADIENT BEFORE PRECONDITIONING (an L2 penalty),
-            unless ``decoupled_weight_decay``.
+            unless ``decoupled_weight_decay``; parameters of no registered layer get ``g + η θ``
+            unpreconditioned. The same with a ``base_optimizer`` (which sees these gradients;
+            its own weight decay, if any, comes on top).
         decoupled_weight_decay: decay the weights directly, ``θ ← (1 − lr·η) θ``, outside the
             preconditioner, the momentum and the KL clip (as AdamW / SGDW; Zhang et al. 2019 found it
             the better regulariser for K-FAC). Standalone mode only: a base optimizer decays its own.
@@ -445,7 +447,7 @@ class KFAC(torch.optim.Optimizer):
         if self.base_optimizer is None:
             self._apply(updates, bad, t)
         else:
-            self._apply_base(updates, bad)
+            self._apply_base(updates, bad, t)
 
         if adapt:
             self._adapt_damping(closure, _as_float(loss), before, precond, groups, t)
@@ -985,9 +987,10 @@ class KFAC(torch.optim.Optimizer):
                     p.mul_(1.0 - lr * wd)
                 p.add_(d, alpha=-lr)
 
-    def _apply_base(self, updates: dict[int, Tensor], bad: set[int]) -> None:
+    def _apply_base(self, updates: dict[int, Tensor], bad: set[int], t: int) -> None:
         """Preconditioner-only mode: write the preconditioned gradients, then the base step."""
         for group in self.param_groups:
+            wd = _checked("weight_decay", group["weight_decay"], t)
             for p in group["params"]:
                 if id(p) in bad:
                     p.grad = None  # the base optimizer skips parameters without a gradient
@@ -998,6 +1001,10 @@ class KFAC(torch.optim.Optimizer):
                         p.grad = u.clone()
                     else:
                         p.grad.copy_(u)
+                elif p.grad is not None and wd:
+                    # the L2 penalty, as the standalone update adds it to unpreconditioned
+                    # parameters (preconditioned ones got it before preconditioning)
+                    p.grad.add_(p.detach(), alpha=wd)
         self.base_optimizer.step()
 
     def _adapt_damping(self, closure: Callable[[], Any], loss_old: float,
