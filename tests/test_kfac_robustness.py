@@ -345,3 +345,34 @@ def test_weight_decay_is_an_l2_penalty_on_every_parameter_with_or_without_base(b
     expected = s0 - lr * (model.scale.grad + wd * s0)
     opt.step()
     torch.testing.assert_close(model.scale.detach(), expected, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------- 7. checkpoints
+def test_state_dict_right_after_loading_keeps_the_sampling_state():
+    x, y = data()
+
+    def make() -> tuple[nn.Module, ngcuda.KFAC]:
+        model = mlp()
+        return model, ngcuda.KFAC(model, lr=0.1, momentum=0.9, inverse_every=2, seed=3)
+
+    full, full_opt = make()
+    for _ in range(6):
+        kfac_step(full, full_opt, x, y)
+
+    first, first_opt = make()
+    for _ in range(3):
+        kfac_step(first, first_opt, x, y)
+    saved = first_opt.state_dict()
+    hop, hop_opt = make()
+    hop_opt.load_state_dict(saved)
+    resaved = hop_opt.state_dict()  # before any step samples
+    assert set(resaved["kfac"]["generators"]) == {"cpu"}
+    assert torch.equal(resaved["kfac"]["generators"]["cpu"], saved["kfac"]["generators"]["cpu"])
+
+    resumed, resumed_opt = make()
+    resumed.load_state_dict(first.state_dict())
+    resumed_opt.load_state_dict(resaved)
+    for _ in range(3):
+        kfac_step(resumed, resumed_opt, x, y)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)

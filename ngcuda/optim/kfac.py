@@ -460,9 +460,13 @@ class KFAC(torch.optim.Optimizer):
         in the per-parameter state of each layer's weight) plus the step counter, the sampling
         generator and, in preconditioner-only mode, the base optimizer's state."""
         sd = super().state_dict()
+        # States loaded but not yet taken by a generator (no step sampled since) are kept too,
+        # by device type as they were loaded.
+        generators = dict(self._saved_generators)
+        generators.update({k: g.get_state() for k, g in self._generators.items()})
         sd["kfac"] = {
             "step": self._step,
-            "generators": {k: g.get_state() for k, g in self._generators.items()},
+            "generators": generators,
             "structures": {layer.name: s.name for layer in self._layers
                            if (s := self._structures.get(id(layer))) is not None},
         }
