@@ -376,3 +376,40 @@ def test_state_dict_right_after_loading_keeps_the_sampling_state():
         kfac_step(resumed, resumed_opt, x, y)
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------------- 8. validation
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kl_clip=-1e-3), "kl_clip"),
+    (dict(factor_decay=True), "factor_decay"),
+    (dict(lr=True), "lr"),
+    (dict(factor_every=True), "factor_every"),
+])
+def test_bad_hyperparameters_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ngcuda.KFAC(mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(interval=0), "interval"),
+    (dict(interval=2.5), "interval"),
+    (dict(omega=1.0), "omega"),
+    (dict(omega=1.5), "omega"),
+    (dict(omega=0.0), "omega"),
+    (dict(min_damping=0.0), "min_damping"),
+    (dict(min_damping=1.0, max_damping=0.5), "max_damping"),
+])
+def test_bad_lm_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ngcuda.optim.LMConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("lr", -0.1), ("lr", float("nan")), ("momentum", -1.0), ("weight_decay", float("inf")),
+    ("kl_clip", -1e-3), ("factor_decay", 1.5), ("factor_every", 0), ("inverse_every", 0),
+])
+def test_callable_hyperparameters_are_checked_at_each_step(name, bad):
+    model = mlp()
+    x, y = data()
+    with pytest.raises(ValueError, match=f"{name} at step 0"):
+        kfac_step(model, ngcuda.KFAC(model, **{name: lambda t: bad}), x, y)

@@ -38,6 +38,20 @@ class LMConfig:
     min_damping: float = 1e-8
     max_damping: float = 1e4
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) \
+                or self.interval < 1:
+            raise ValueError(f"LMConfig: interval must be an int >= 1, got {self.interval!r}")
+        # omega >= 1 would grow the damping when the model is trustworthy: the rule reversed
+        if self.omega is not None and not 0.0 < self.omega < 1.0:
+            raise ValueError(f"LMConfig: omega must be in (0, 1), got {self.omega!r}")
+        if not 0.0 < self.min_damping < math.inf:
+            raise ValueError(f"LMConfig: min_damping must be a finite number > 0 (KFAC needs a "
+                             f"positive damping), got {self.min_damping!r}")
+        if not self.min_damping <= self.max_damping < math.inf:
+            raise ValueError(f"LMConfig: max_damping must be finite and >= min_damping "
+                             f"({self.min_damping}), got {self.max_damping!r}")
+
     def factor(self) -> float:
         return self.omega if self.omega is not None else (19.0 / 20.0) ** self.interval
 

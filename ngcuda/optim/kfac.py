@@ -93,16 +93,26 @@ def _as_float(v: Any) -> float:
     return float(v.detach()) if isinstance(v, Tensor) else float(v)
 
 
-def _checked(name: str, value: Any, t: int, positive: bool = False) -> float:
+def _checked(name: str, value: Any, t: int, positive: bool = False,
+             upper: Optional[float] = None) -> float:
     """``value`` at step ``t`` as a float. The constructor checks plain numbers; what a callable
     returns (or what was written into a param group since) is only known here."""
     v = _resolve(value, t)
     ok = isinstance(v, (int, float, Tensor)) and not isinstance(v, bool)
     f = _as_float(v) if ok else math.nan
-    if not (math.isfinite(f) and (f > 0.0 if positive else f >= 0.0)):
-        raise ValueError(f"{name} at step {t} must be a finite number "
-                         f"{'> 0' if positive else '>= 0'}, got {v!r}")
+    if not (math.isfinite(f) and (f > 0.0 if positive else f >= 0.0)
+            and (upper is None or f <= upper)):
+        bound = f"{'> 0' if positive else '>= 0'}" + ("" if upper is None else f" and <= {upper}")
+        raise ValueError(f"{name} at step {t} must be a finite number {bound}, got {v!r}")
     return f
+
+
+def _checked_period(name: str, value: Any, t: int) -> int:
+    """A period (factor_every, inverse_every) at step ``t``: an int >= 1."""
+    v = _resolve(value, t)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} at step {t} must be an int >= 1, got {v!r}")
+    return v
 
 
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
@@ -220,8 +230,10 @@ class KFAC(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, v in (("lr", lr), ("damping", damping), ("momentum", momentum),
-                        ("weight_decay", weight_decay), ("factor_decay", factor_decay)):
-            bad_number = not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v)
+                        ("weight_decay", weight_decay), ("factor_decay", factor_decay),
+                        ("kl_clip", 0.0 if kl_clip is None else kl_clip)):
+            bad_number = (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0
+                          or not math.isfinite(v))  # a bool is an int, never meant as 0 or 1
             if not callable(v) and bad_number:
                 raise ValueError(f"{name} must be a finite number >= 0 or a callable, got {v!r}")
         if not callable(damping) and damping <= 0:
@@ -229,7 +241,7 @@ class KFAC(torch.optim.Optimizer):
         if not callable(factor_decay) and factor_decay > 1:
             raise ValueError(f"factor_decay must be in [0, 1], got {factor_decay}")
         for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every)):
-            if not callable(v) and (not isinstance(v, int) or v < 1):
+            if not callable(v) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be an int >= 1 or a callable, got {v!r}")
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
@@ -426,7 +438,7 @@ class KFAC(torch.optim.Optimizer):
         if finish_grads is not None:
             finish_grads()
         bad = self._nonfinite_grads()
-        every = int(_resolve(self.inverse_every, t))
+        every = _checked_period("inverse_every", self.inverse_every, t)
         missing = any("A" in self.state[lay.weight] and not self._has_basis(lay, "A")
                       for lay in self._layers)
         if t % every == 0 or missing:
@@ -535,8 +547,9 @@ class KFAC(torch.optim.Optimizer):
                                nnz_x=sum(x.nnz() for x in sources),
                                sparse_x=src.x.layout != torch.strided,
                                nnz_adj=sum(x.adj_nnz() for x in sources))
-            s = choose_structure(shape, int(_resolve(self.factor_every, self._step)),
-                                 int(_resolve(self.inverse_every, self._step)),
+            s = choose_structure(shape,
+                                 _checked_period("factor_every", self.factor_every, self._step),
+                                 _checked_period("inverse_every", self.inverse_every, self._step),
                                  self.factor_budget, self.seed + self._layers.index(layer),
                                  constant_input)
             self._structures[id(layer)] = s
@@ -587,7 +600,7 @@ class KFAC(torch.optim.Optimizer):
         self._fisher_ready = False
         self._pending_factors = None
         self._ekfac_rows: dict[int, tuple[Tensor, list, Optional[tuple]]] = {}
-        every = int(_resolve(self.factor_every, self._step))
+        every = _checked_period("factor_every", self.factor_every, self._step)
         self._capture.active = self._step % every == 0
         self._capture.seq = 0
 
@@ -719,7 +732,7 @@ class KFAC(torch.optim.Optimizer):
             pending = self._factor_statistics(t)
         if not pending:
             return
-        decay = float(_resolve(self.factor_decay, t))
+        decay = _checked("factor_decay", self.factor_decay, t, upper=1.0)
         stats = [[tg] if ta is None else [tg, *ta] for (_, _, ta, tg, *_rest) in pending]
         finite = iter(_all_finite([t for group in stats for t in group]))
         flags = [all([next(finite) for _ in group]) for group in stats]
@@ -840,7 +853,7 @@ class KFAC(torch.optim.Optimizer):
         return here or bool(st.get(f"{key}_remote"))
 
     def _update_ekfac(self, t: int) -> None:
-        decay = float(_resolve(self.factor_decay, t))
+        decay = _checked("factor_decay", self.factor_decay, t, upper=1.0)
         for layer in self._layers:
             item = self._ekfac_rows.get(id(layer))
             st = self.state[layer.weight]
@@ -879,7 +892,7 @@ class KFAC(torch.optim.Optimizer):
             for g in self.base_optimizer.param_groups:
                 if any(q is p for q in g["params"]):
                     return float(_resolve(g["lr"], t))
-        return float(_resolve(groups[id(p)]["lr"], t))
+        return _checked("lr", groups[id(p)]["lr"], t)
 
     def _precondition(self, groups: dict[int, dict], bad: set[int], t: int
                       ) -> tuple[dict[int, Tensor], list[tuple[KFACLayer, Tensor, Tensor]]]:
@@ -903,7 +916,7 @@ class KFAC(torch.optim.Optimizer):
                 continue
             group = groups[id(layer.weight)]
             g = layer.grad_matrix()
-            wd = float(_resolve(group["weight_decay"], t))
+            wd = _checked("weight_decay", group["weight_decay"], t)
             if wd and not group.get("decoupled_weight_decay", False):
                 g = torch.add(g, layer.param_matrix(), alpha=wd)
             damping = _checked("damping", group["damping"], t, positive=True)
@@ -934,7 +947,8 @@ class KFAC(torch.optim.Optimizer):
                     for (_, layer, g), v in zip(cands, vs) if v is not None]
         if not done:
             return {}, []
-        kl = _resolve(self.param_groups[0]["kl_clip"], t)
+        kl_clip = self.param_groups[0]["kl_clip"]
+        kl = None if kl_clip is None else _checked("kl_clip", kl_clip, t)
         dots: list[float] = []
         if kl:
             dots = torch.stack([torch.vdot(v.reshape(-1), g.reshape(-1))
@@ -969,9 +983,9 @@ class KFAC(torch.optim.Optimizer):
     def _apply(self, updates: dict[int, Tensor], bad: set[int], t: int) -> None:
         """Standalone update: momentum on the (preconditioned) direction, then θ ← θ − lr·d."""
         for group in self.param_groups:
-            lr = float(_resolve(group["lr"], t))
-            mom = float(_resolve(group["momentum"], t))
-            wd = float(_resolve(group["weight_decay"], t))
+            lr = _checked("lr", group["lr"], t)
+            mom = _checked("momentum", group["momentum"], t)
+            wd = _checked("weight_decay", group["weight_decay"], t)
             decoupled = group.get("decoupled_weight_decay", False)
             for p in group["params"]:
                 if p.grad is None or id(p) in bad:
