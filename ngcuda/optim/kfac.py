@@ -173,12 +173,14 @@ class KFAC(torch.optim.Optimizer):
             the better regulariser for K-FAC). Standalone mode only: a base optimizer decays its own.
         factor_decay: moving-average decay ε of A and G.
         factor_every, inverse_every: factor refresh / eigendecomposition periods (in steps).
-        kl_clip: κ of the KL trust region; None or 0 turns clipping off.
+        kl_clip: κ of the KL trust region over the whole step (the first param group's is
+            used); None or 0 turns clipping off.
         fisher_type: ``"true"`` (sampled targets, needs :meth:`set_outputs`) or ``"empirical"``.
         likelihood: default likelihood for :meth:`set_outputs` (``"categorical"``, ``"gaussian"``,
             ``"bernoulli"``).
         ekfac: eigenvalue-corrected K-FAC (George et al. 2018).
-        adaptive_damping: Levenberg–Marquardt adaptation of γ; needs ``step(closure)``.
+        adaptive_damping: Levenberg–Marquardt adaptation of γ; needs ``step(closure)``. One γ
+            for every param group (it starts from the first group's).
         lm: its settings (:class:`~ngcuda.optim.damping.LMConfig`).
         gcn_factoring: ``"aggregated"`` (A from ÂH, Izadi et al.) or ``"input"`` (A from H, G at
             HW; better on CiteSeer and Coauthor CS in the README's results).
@@ -198,8 +200,12 @@ class KFAC(torch.optim.Optimizer):
         factor_budget: the automatic choice's budget: a layer's extra K-FAC work per step at most
             this many times its own forward+backward work.
 
-    Every hyperparameter in the param groups (lr, momentum, weight_decay, damping, kl_clip) and
-    ``factor_decay``/``factor_every``/``inverse_every`` may be a float or a callable of the step.
+    Param groups: ``lr``, ``momentum``, ``weight_decay`` and ``damping`` are read per group (a
+    layer's preconditioning takes the group of its weight). ``kl_clip`` is one trust region over
+    the whole step, read from the first group only; with ``adaptive_damping`` the damping adapted
+    from the first group's is written into every group. These and ``factor_decay`` /
+    ``factor_every`` / ``inverse_every`` may be numbers or callables of the step (a callable's
+    value is checked at each step).
     """
 
     def __init__(
