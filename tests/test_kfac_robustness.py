@@ -413,3 +413,51 @@ def test_callable_hyperparameters_are_checked_at_each_step(name, bad):
     x, y = data()
     with pytest.raises(ValueError, match=f"{name} at step 0"):
         kfac_step(model, ngcuda.KFAC(model, **{name: lambda t: bad}), x, y)
+
+
+# ------------------------------------------------------------------------- 10. loading
+def _trained(model: nn.Module, **kw) -> ngcuda.KFAC:
+    opt = ngcuda.KFAC(model, lr=0.1, momentum=0.9, **kw)
+    x, y = data(dtype=next(model.parameters()).dtype)
+    for _ in range(2):
+        kfac_step(model, opt, x, y)
+    return opt
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "lowrank:2", "block:2"])
+def test_loading_factors_of_other_layer_sizes_names_the_layer(structure):
+    saved = _trained(mlp(), factor_structure=structure).state_dict()
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = _trained(wider, factor_structure=structure)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="layer '0'.*G has size"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()  # left as it was
+    assert after["kfac"]["step"] == before["kfac"]["step"]
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(after["state"][i][k], v)
+    kfac_step(wider, opt, *data())
+
+
+def test_loading_factors_of_other_input_sizes_names_the_layer():
+    saved = _trained(mlp()).state_dict()
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3, bias=False),
+                          nn.Linear(3, 3, bias=False)).double()  # 4 parameters, as saved
+    opt = ngcuda.KFAC(other)
+    with pytest.raises(ValueError, match="layer '2'.*A has size 6"):
+        opt.load_state_dict(saved)
+
+
+def test_loading_a_state_of_differently_named_layers_is_refused():
+    from collections import OrderedDict
+
+    saved = _trained(mlp()).state_dict()
+    torch.manual_seed(0)
+    renamed = nn.Sequential(OrderedDict(inp=nn.Linear(4, 5), act=nn.Tanh(),
+                                        out=nn.Linear(5, 3))).double()
+    with pytest.raises(ValueError, match="saved for layer.*0, 2.*registered: inp, out"):
+        ngcuda.KFAC(renamed).load_state_dict(saved)

@@ -496,17 +496,29 @@ class KFAC(torch.optim.Optimizer):
         sd = copy.deepcopy(dict(state_dict))
         extra = sd.pop("kfac", {})
         base = sd.pop("base", None)
+        if base is not None and self.base_optimizer is None:
+            raise ValueError("state_dict holds a base optimizer state but this KFAC has none")
+        saved = extra.get("structures", {})
+        unknown = sorted(set(saved) - {layer.name for layer in self._layers})
+        if unknown:
+            raise ValueError(f"state_dict was saved for layer(s) {', '.join(unknown)}, which this "
+                             "model does not have; registered: "
+                             f"{', '.join(layer.name for layer in self._layers)} (for renamed "
+                             "layers, rename the keys of state_dict['kfac']['structures'])")
+        previous = self.state, self.param_groups
         super().load_state_dict(sd)
+        try:
+            self._check_loaded_shapes()
+        except ValueError:
+            self.state, self.param_groups = previous  # as before the call
+            raise
         self._step = int(extra.get("step", 0))
         self._generators = {}
         # set_state takes a CPU byte tensor: map_location may have moved the states anywhere.
         self._saved_generators = {torch.device(key).type: st.detach().cpu()
                                   for key, st in extra.get("generators", {}).items()}
         if base is not None:
-            if self.base_optimizer is None:
-                raise ValueError("state_dict holds a base optimizer state but this KFAC has none")
             self.base_optimizer.load_state_dict(base)
-        saved = extra.get("structures", {})
         for i, layer in enumerate(self._layers):
             layer.a_signature = None
             layer.ekfac_cache = None
@@ -516,6 +528,35 @@ class KFAC(torch.optim.Optimizer):
                 if "A_structure" in st:  # torch's loader rebuilt the string as an iterable
                     st["A_structure"] = saved[layer.name]
         self._reset_step_state()
+
+    def _check_loaded_shapes(self) -> None:
+        """Torch's loader matches states to parameters by position and checks only their number:
+        a model with other layer sizes would fail at the next step with a bare size mismatch."""
+        for layer in self._layers:
+            st = self.state.get(layer.weight, {})
+            a, g = layer.a_size, layer.g_size
+            found = {}
+            if "G" in st:
+                found["G"] = (tuple(st["G"].shape), (g, g))
+            if "A" in st:  # any structure's stored form has one row per input column
+                stored = st["A"]
+                rows = (sum(x.shape[0] for x in stored) if isinstance(stored, list)
+                        else stored.shape[0])
+                found["A"] = (rows, a)
+            if "S" in st:
+                found["S"] = (tuple(st["S"].shape), (g, a))
+            for key, (got, want) in found.items():
+                if got != want:
+                    raise ValueError(
+                        f"state_dict does not fit layer '{layer.name}' ({layer.kind}, A {a}x{a}, "
+                        f"G {g}x{g}): its {key} has size {got}, expected {want}")
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and buf.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict does not fit parameter '{self._names.get(id(p), '?')}': its "
+                        f"momentum buffer has shape {tuple(buf.shape)}, expected {tuple(p.shape)}")
 
     # ---------------------------------------------------------------------------- internals
     def _configure_structures(self, spec: Union[str, dict[str, str]]) -> dict[int, Any]:
