@@ -461,3 +461,42 @@ def test_loading_a_state_of_differently_named_layers_is_refused():
                                         out=nn.Linear(5, 3))).double()
     with pytest.raises(ValueError, match="saved for layer.*0, 2.*registered: inp, out"):
         ngcuda.KFAC(renamed).load_state_dict(saved)
+
+
+# ------------------------------------------------------------------------- tied weights, hooks
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_tied_weights_are_left_to_the_plain_update():
+    model = Tied().double()
+    with pytest.warns(KFACWarning, match="a, b share parameters"):
+        opt = ngcuda.KFAC(model, lr=0.1, kl_clip=None)
+    assert [i.name for i in opt.layers()] == ["out"]
+    x, y = data()
+    w0 = model.a.weight.detach().clone()
+    opt.zero_grad()
+    out = model(x)
+    opt.set_outputs(out)
+    F.cross_entropy(out, y).backward()
+    expected = w0 - 0.1 * model.a.weight.grad
+    opt.step()
+    torch.testing.assert_close(model.a.weight.detach(), expected, rtol=1e-12, atol=0)
+    assert "A" not in opt.state[model.a.weight]
+
+
+def test_a_module_used_twice_is_one_layer_not_tied_weights():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KFACWarning)
+        opt = ngcuda.KFAC(model)
+    assert [i.name for i in opt.layers()] == ["0"]

@@ -126,6 +126,17 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
     return torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).tolist()
 
 
+def _tied_layers(model: nn.Module, layers: list[KFACLayer]) -> list[KFACLayer]:
+    """Registered layers with a parameter that another module also holds (tied weights); a
+    module used twice is one layer, not tied."""
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+    return [layer for layer in layers
+            if any(len(owners.get(id(p), ())) > 1 for p in layer.params())]
+
+
 def _same_signature(a: Optional[tuple], b: Optional[tuple]) -> bool:
     if a is None or b is None or len(a) != len(b):
         return False
@@ -283,6 +294,16 @@ class KFAC(torch.optim.Optimizer):
 
         self._capture = CaptureState()
         self._layers, quiet, frozen_weight = discover(model, self._capture, gcn_factoring)
+        tied = _tied_layers(model, self._layers)
+        if tied:
+            # One state per weight, so each layer would blend its statistics into the other's
+            # factors; the shared weight's Fisher is not a single Kronecker product anyway.
+            self._layers = [layer for layer in self._layers if layer not in tied]
+            quiet |= {id(p) for layer in tied for p in layer.params()}
+            warnings.warn(
+                f"ngcuda.KFAC: layers {', '.join(layer.name for layer in tied)} share parameters "
+                "(tied weights) and get the plain (unpreconditioned) update", KFACWarning,
+                stacklevel=2)
         self._names = {id(p): n for n, p in model.named_parameters()}
         covered = {id(p) for layer in self._layers for p in layer.params()}
         plain = [self._names[id(p)] for p in params if id(p) not in covered and id(p) not in quiet]
