@@ -500,3 +500,20 @@ def test_a_module_used_twice_is_one_layer_not_tied_weights():
         warnings.simplefilter("error", KFACWarning)
         opt = ngcuda.KFAC(model)
     assert [i.name for i in opt.layers()] == ["0"]
+
+
+def test_deleting_the_optimizer_removes_its_hooks():
+    import gc
+    import weakref
+
+    model = mlp()
+    opt = ngcuda.KFAC(model)
+    layers = opt._layers
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
+    for _ in range(3):
+        model(data()[0]).sum()
+    assert all(not layer.records for layer in layers)
+    assert not model[0]._forward_hooks and not model[2]._forward_hooks

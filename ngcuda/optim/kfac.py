@@ -39,6 +39,7 @@ import copy
 import functools
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -135,6 +136,12 @@ def _tied_layers(model: nn.Module, layers: list[KFACLayer]) -> list[KFACLayer]:
             owners.setdefault(id(p), set()).add(id(m))
     return [layer for layer in layers
             if any(len(owners.get(id(p), ())) > 1 for p in layer.params())]
+
+
+def _detach_layers(layers: list[KFACLayer]) -> None:
+    for layer in layers:
+        layer.detach()
+        layer.clear()
 
 
 def _same_signature(a: Optional[tuple], b: Optional[tuple]) -> bool:
@@ -321,6 +328,9 @@ class KFAC(torch.optim.Optimizer):
         self._rows_cache: Optional[tuple] = None  # (mask, key, ExampleRows), see _example_rows
         for layer in self._layers:
             layer.attach()
+        # The hooks live on the model: without this, a deleted optimizer's hooks would keep
+        # capturing (and never clearing) every later forward pass's inputs and graph.
+        weakref.finalize(self, _detach_layers, list(self._layers))
         # Distributed: None when off or world size 1 (then no collective call is ever made).
         self._dist = make_communicator(
             distributed, model, [eigh_cost(lay.a_size) + eigh_cost(lay.g_size)
