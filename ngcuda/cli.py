@@ -185,7 +185,8 @@ def _with_default(value, default):
     return value
 
 
-def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
+def _common(p: argparse.ArgumentParser, default_epochs: int, graphs: bool = False) -> None:
+    """The options every training command shares; `graphs` adds the GNN-only K-FAC options."""
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="folder with the dataset files (default: the data shipped with ngcuda)")
     p.add_argument("--optimizers", type=_optimizers, default=None, metavar="LIST",
@@ -224,9 +225,10 @@ def _common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     g.add_argument("--factor-structure", type=_factor_structure, default=None, metavar="S",
                    help="K-FAC input-factor structure of every layer: auto (default), full, block:K, "
                    "lowrank:R or diag; or per layer: conv1=lowrank:64,conv2=full (others auto)")
-    g.add_argument("--gcn-factoring", choices=("aggregated", "input"), default=None,
-                   help="K-FAC factors of a GCNConv: aggregated (default; A from ÂH and G at Z = ÂHW + b, "
-                   "as Izadi et al.) or input (its Linear alone: A from H, G at HW; layers conv1.lin, ...)")
+    if graphs:
+        g.add_argument("--gcn-factoring", choices=("aggregated", "input"), default=None,
+                       help="K-FAC factors of a GCNConv: aggregated (default; A from ÂH and G at Z = ÂHW + b, "
+                       "as Izadi et al.) or input (its Linear alone: A from H, G at HW; layers conv1.lin, ...)")
     g.add_argument("--adaptive-damping", action="store_true",
                    help="K-FAC variants: adapt the damping every 5 steps by the Levenberg-Marquardt rule "
                    "(Martens & Grosse 2015), at the cost of one more forward pass on those steps")
@@ -277,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select", choices=SELECTIONS, default="val-acc",
                    help="model selection: report test accuracy at the epoch of best validation accuracy "
                    "(val-acc, default) or of lowest validation loss (val-loss, Izadi et al.)")
-    _common(t, default_epochs=200)
+    _common(t, default_epochs=200, graphs=True)
     t.set_defaults(_handler=cmd_train, _parser=t)
 
     a = sub.add_parser("train-ae", help="MNIST deep autoencoder, optimizers side by side",
@@ -381,9 +383,25 @@ def _check_kfac_options(parser: argparse.ArgumentParser, optimizers: list[str], 
                 parser.error(f"--optimizers {name}: {e}")
 
 
-def _check_optimizers(parser: argparse.ArgumentParser, names: list[str]) -> None:
+KFAC_ONLY = ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "fisher_type",
+             "factor_structure", "gcn_factoring", "adaptive_damping", "ekfac")
+
+
+def _warn_unused_kfac_options(args: argparse.Namespace, names: list[str]) -> None:
+    """A K-FAC option given when no K-FAC variant runs does nothing: say so rather than let a user
+    believe it was applied."""
+    if any(n.startswith("kfac") for n in names):
+        return
+    given = [f"--{k.replace('_', '-')}" for k in KFAC_ONLY if getattr(args, k, None) not in (None, False)]
+    if given:
+        print(f"ngcuda {args.command}: note: {', '.join(given)} apply to the K-FAC variants only, and "
+              f"none is in --optimizers {','.join(names)}", file=sys.stderr)
+
+
+def _check_optimizers(parser: argparse.ArgumentParser, names: list[str], args: argparse.Namespace) -> None:
     from .train.optimizers import kfac_available
 
+    _warn_unused_kfac_options(args, names)
     wanted = [n for n in names if n.startswith("kfac")]
     if wanted and not kfac_available():
         parser.error(
@@ -504,7 +522,7 @@ def _mnist_job(parser: argparse.ArgumentParser, args: argparse.Namespace, defaul
     """Checks the options and reads MNIST as train-ae and train-vae do: --data-root's 60k/10k files, or the
     shipped 10k split 8000/2000; --train-size keeps the first N. None (after a message) when data is missing."""
     optimizers = args.optimizers or default_optimizers
-    _check_optimizers(parser, optimizers)
+    _check_optimizers(parser, optimizers, args)
     device = _device(parser, args.device)
     try:
         x_train, _ = load_mnist(args.data_root, train=True)
@@ -546,7 +564,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"--{flag.replace('_', '-')} is not supported with --distributed")
     optimizers = args.optimizers or ["kfac", "adam"]
     seeds = args.seeds or [0]
-    _check_optimizers(parser, optimizers)
+    _check_optimizers(parser, optimizers, args)
     _device(parser, args.device)
     try:
         import torch_geometric  # noqa: F401

@@ -53,6 +53,7 @@ def _one_thread(one_thread):
         (["train", "--fisher-nodes", "all", "--optimizers", "kfac,kfac-adam", "--fisher-type",
           "kfac-adam=empirical"], "kfac-adam use the empirical"),
         (["train", "--dropout", "1"], r"\[0, 1\)"),
+        (["train-ae", "--gcn-factoring", "input"], "unrecognized arguments: --gcn-factoring"),
         (["train", "--seeds", "4294967296,"], r"0\.\.4294967295"),
         (["train", "--seeds", "100000"], "at most 10000"),
         (["train", "--pseudo-label-gamma", "3", "--batch-size", "8"], "needs full-batch training"),
@@ -194,6 +195,15 @@ def test_damaged_data_is_reported(tmp_path, capsys, damage):
     assert main([*argv, "--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]) == 1
     assert name in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_kfac_options_without_kfac_are_noted(tmp_path, capsys):
+    assert main(["train", "--optimizers", "adam", "--epochs", "1", "--ekfac", "--damping", "1",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert "note: --damping, --ekfac apply to the K-FAC variants only" in capsys.readouterr().err
+    assert main(["train", "--optimizers", "adam", "--epochs", "1", "--lr", "0.02",
+                 "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert "note" not in capsys.readouterr().err
 
 
 def test_parse_seeds():
