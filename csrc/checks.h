@@ -84,6 +84,14 @@ inline void check_csr_x(const at::Tensor& x, const at::Tensor& ref) {
   const at::ScalarType index = x.crow_indices().scalar_type();
   TORCH_CHECK(index == at::kInt || index == at::kLong,
               "ngcuda: x.crow_indices() and x.col_indices() must be int32 or int64, got ", index);
+  TORCH_CHECK(x.col_indices().scalar_type() == index, "ngcuda: x.crow_indices() is ", index,
+              " but x.col_indices() is ", x.col_indices().scalar_type(), "; they must share one dtype");
+  // torch.sparse_csr_tensor builds these without checking (check_invariants=False): a values
+  // tensor shorter than col_indices would be read past its end.
+  TORCH_CHECK(x.values().sym_numel() == x.col_indices().sym_numel(), "ngcuda: x has ",
+              x.col_indices().sym_numel(), " column indices but ", x.values().sym_numel(), " values");
+  TORCH_CHECK(x.crow_indices().sym_numel() == x.sym_size(0) + 1, "ngcuda: x.crow_indices() must have ",
+              x.sym_size(0) + 1, " entries (rows + 1), got ", x.crow_indices().sym_numel());
   check_same_device(x, ref, "x", "factor");
 }
 

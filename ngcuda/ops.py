@@ -90,6 +90,8 @@ def factor_update_(
 
     Args:
         factor: [D, D], float32 or float64, contiguous; D = d + 1 with ``append_bias``, else d.
+            Symmetric: only its upper triangle is read, and the result is written exactly
+            symmetric (a non-symmetric factor comes back symmetrised from its upper triangle).
         x: [N, d], float32 or float64 (cast to the factor's): dense, or a sparse CSR tensor
             (``torch.sparse_csr_tensor``, int32 or int64 indices), which is never densified:
             the CPU works on its pattern (Σ_rows nnz_row² / 2 multiply-adds), CUDA densifies
@@ -255,8 +257,9 @@ def batched_eigh(
     """Eigendecomposes a list of symmetric matrices of any mix of sizes in one call.
 
     Args:
-        matrices: B tensors [n_i, n_i], float32 or float64, all on one device. Only the lower
-            triangle is read.
+        matrices: B tensors [n_i, n_i], float32 or float64, all on one device. The solvers
+            read only the lower triangle, but the whole matrix must be finite: NaN or Inf
+            anywhere in it is an error (CPU) or a NON_FINITE status (CUDA's screen).
         prev_eigenvectors: None, or B tensors [n_i, n_i]: a warm start, the eigenvectors (as
             columns) of a nearby matrix such as the previous value of a slowly drifting K-FAC
             factor. Where it is used it must be orthonormal to within 0.1 (‖QᵀQ − I‖_F).

@@ -60,6 +60,39 @@ def test_meta_kernels_give_shapes_without_data():
         torch.ops.ngcuda.factor_update_(m(4, 4), m(10, 5), 0.5, True, None)
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda m: torch.ops.ngcuda.batched_eigh([m(3, 3, dtype=torch.float16)], None, None, 15),
+     r"matrices\[0\] must be float32 or float64"),
+    (lambda m: torch.ops.ngcuda.batched_eigh([m(3, 3), m(2, 2, dtype=torch.float64)], None, None, 15),
+     r"matrices\[1\] is Double but matrices\[0\] is Float"),
+    (lambda m: torch.ops.ngcuda.batched_eigh([m(3, 3)], None, None, -1), "max_sweeps must be >= 0"),
+    (lambda m: torch.ops.ngcuda.factor_update_(m(4, 4), m(10, 3, dtype=torch.int64), 0.5, True, None),
+     "x must be float32 or float64"),
+])
+def test_meta_kernels_refuse_what_the_cpu_kernels_refuse(call, match):
+    m = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    with pytest.raises(RuntimeError, match=match):
+        call(m)
+    with pytest.raises(RuntimeError, match=match):
+        call(lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype))
+
+
+def test_fake_outputs_have_the_kernels_strides():
+    """A transposed input: the kernels return contiguous tensors, and so must the fake ones
+    (torch.compile checks them against each other)."""
+    from torch.library import opcheck
+
+    torch.manual_seed(0)
+    b = torch.randn(5, 5, dtype=torch.float64)
+    a = (b + b.T).T  # symmetric, column-major strides
+    opcheck(torch.ops.ngcuda.batched_eigh.default, ([a], None, None, 15),
+            test_utils=("test_faketensor",))
+    g = torch.randn(4, 2).T  # [2, 4], strides (1, 2)
+    opcheck(torch.ops.ngcuda.precondition.default,
+            ([g], [torch.eye(4)], [torch.ones(4)], [torch.eye(2)], [torch.ones(2)], 0.1),
+            test_utils=("test_faketensor",))
+
+
 def test_torch_compile_fullgraph_traces_factor_update_and_precondition():
     def step(factor, x, g, qa, la, qg, lg):
         ops.factor_update_(factor, x, 0.9, True)

@@ -208,3 +208,18 @@ def test_sparse_factor_update_bad_shapes():
         ops.sparse_factor_update_(factor, rowptr.int(), col, None, x, 0.5, True)
     with pytest.raises(RuntimeError, match="row_weight must have 2 entries"):
         ops.sparse_factor_update_(factor, rowptr, col, None, x, 0.5, True, torch.ones(4))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_factor_update_reads_the_upper_triangle_of_a_non_symmetric_factor(sparse):
+    """As documented: the kernels read only the factor's upper triangle and write it back exactly
+    symmetric, so a non-symmetric factor comes back symmetrised from its upper triangle."""
+    gen = torch.Generator().manual_seed(7)
+    f0 = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    upper = torch.triu(f0) + torch.triu(f0, 1).T
+    expected = reference.factor_update(upper, x, 0.5, True)
+    f = f0.clone()
+    ops.factor_update_(f, x.to_sparse_csr() if sparse else x, 0.5, True)
+    assert torch.equal(f, f.T)
+    assert rel_err(f, expected) <= 1e-12

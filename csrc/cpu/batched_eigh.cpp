@@ -8,7 +8,8 @@
 // Cold: float32 n ≤ 96 and float64 n ≤ 256 by our Householder + QL (tridiagonal_eigh.h), a few
 // matrices interleaved per work item; larger ones by LAPACK (?syevd through at::linalg_eigh) on
 // per-thread stacks of same-size matrices, and n ≥ 768 by LAPACK with its own threads.
-// Only the lower triangle of each matrix is read, as in torch.linalg.eigh.
+// The solvers read only the lower triangle of each matrix, as torch.linalg.eigh; the finiteness
+// screen reads all of it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>

@@ -12,6 +12,7 @@ namespace {
 void factor_update_meta(const at::Tensor& factor, const at::Tensor& x, double decay,
                         bool append_bias, const c10::optional<at::Tensor>& row_weight) {
   check_dim(x, 2, "x");
+  if (x.layout() == at::kStrided) check_float(x, "x");
   check_factor(factor, x.sym_size(1) + (append_bias ? 1 : 0));
   check_decay(decay);
   check_row_weight(row_weight, x.sym_size(0), factor);
@@ -52,11 +53,20 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> batched
     at::TensorList matrices, const c10::optional<at::TensorList>& prev, c10::optional<double> tol,
     int64_t max_sweeps) {
   std::vector<at::Tensor> values, vectors;
-  for (const at::Tensor& a : matrices) {
+  TORCH_CHECK(max_sweeps >= 0, "ngcuda: batched_eigh: max_sweeps must be >= 0, got ", max_sweeps);
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    const at::Tensor& a = matrices[i];
     TORCH_CHECK(a.dim() == 2 && a.sym_size(0) == a.sym_size(1),
                 "ngcuda: matrices must be square 2-D, got ", a.sym_sizes());
+    TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+                "ngcuda: batched_eigh: matrices[", i, "] must be float32 or float64, got ",
+                a.scalar_type());
+    TORCH_CHECK(a.scalar_type() == matrices[0].scalar_type(), "ngcuda: batched_eigh: matrices[", i,
+                "] is ", a.scalar_type(), " but matrices[0] is ", matrices[0].scalar_type(),
+                "; all matrices must share one dtype");
     values.push_back(at::empty_symint({a.sym_size(0)}, a.options()));
-    vectors.push_back(at::empty_like(a));
+    // contiguous, as every backend returns them (empty_like would copy a transposed a's strides)
+    vectors.push_back(at::empty_symint({a.sym_size(0), a.sym_size(0)}, a.options()));
   }
   const auto device = matrices.empty() ? at::Device(at::kMeta) : matrices[0].device();
   at::Tensor status = at::empty({static_cast<int64_t>(matrices.size())},
@@ -69,7 +79,7 @@ std::vector<at::Tensor> precondition_meta(at::TensorList grads, at::TensorList Q
                                           at::TensorList lamG, double damping) {
   check_precondition_args(grads, QA, lamA, QG, lamG, damping);
   std::vector<at::Tensor> out;
-  for (const at::Tensor& g : grads) out.push_back(at::empty_like(g));
+  for (const at::Tensor& g : grads) out.push_back(at::empty_symint(g.sym_sizes(), g.options()));
   return out;
 }
 
