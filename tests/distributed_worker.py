@@ -183,6 +183,69 @@ def _fail_fast(scenario: str, rank: int, world: int) -> dict[str, Any]:
     return {"error": None, "seconds": time.perf_counter() - t0}
 
 
+class _Two(nn.Module):
+    """Two Linear layers reading one fixed input: constant A factors, one owner each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(20, 3), nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def _resume(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """broadcast="gradients": 3 steps, rank 0's checkpoint, then both ranks resume from it for 3
+    steps. Reports which layers have an eigenbasis on this rank after the resume, and the error
+    of loading a single-process low-rank checkpoint into a distributed run."""
+    import torch.distributed as dist
+
+    import ngcuda
+    from ngcuda.optim.distributed import DistributedOptions
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+
+    def run(resume_from: Optional[str]) -> Any:
+        torch.manual_seed(1)
+        model = _Two()
+        opt = ngcuda.KFAC(model, inverse_every=1,
+                          distributed=DistributedOptions(broadcast="gradients", timeout=30.0))
+        if resume_from is not None:
+            opt.load_state_dict(torch.load(resume_from, weights_only=False))
+        for _ in range(3):
+            opt.zero_grad()
+            out = model(x)
+            opt.set_outputs(out, likelihood="categorical")
+            F.cross_entropy(out, y).backward()
+            opt.step()
+        return model, opt
+
+    path = os.path.join(out_dir, "checkpoint.pt")
+    _, opt = run(None)
+    if rank == 0:
+        torch.save(opt.state_dict(), path)
+    dist.barrier()
+    model, opt = run(path)
+    has_basis = sorted(n for n in ("a", "b") if "QA" in opt.state[getattr(model, n).weight])
+
+    torch.manual_seed(1)
+    single = _Two()
+    plain = ngcuda.KFAC(single, factor_structure="lowrank:4", distributed=False)
+    plain.zero_grad()
+    out = single(x)
+    plain.set_outputs(out, likelihood="categorical")
+    F.cross_entropy(out, y).backward()
+    plain.step()
+    try:
+        opt.load_state_dict(plain.state_dict())
+        error = None
+    except ValueError as e:
+        error = str(e)
+    dist.barrier()
+    return {"has_basis": has_basis, "lowrank_error": error}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import torch.distributed as dist
 
@@ -193,10 +256,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if scenario == "runs":
         result: dict[str, Any] = {name: run_config(name, rank, world) for name in CONFIGS}
         result["cora"] = run_cora(rank, world)
+    elif scenario == "resume":
+        result = _resume(rank, world, out_dir)
     else:
         result = _fail_fast(scenario, rank, world)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario == "runs":
+    if scenario in ("runs", "resume"):
         dist.barrier()
         dist.destroy_process_group()
     return 0

@@ -172,6 +172,17 @@ def test_a_failing_rank_makes_the_other_fail_fast(tmp_path, scenario):
     assert res["seconds"] < 20.0
 
 
+# ------------------------------------------------------------------------------- resume
+def test_resuming_a_gradients_broadcast_checkpoint_rebuilds_every_basis(tmp_path):
+    """A checkpoint of rank 0 marks the layer rank 1 owns as "held elsewhere"; resumed on both
+    ranks, that owner must decompose it again (it was left to the plain step for good), and a
+    single-process low-rank checkpoint is refused with a clear error."""
+    res = launch("resume", tmp_path)
+    assert sorted(set(res[0]["has_basis"]) | set(res[1]["has_basis"])) == ["a", "b"]
+    for r in res:
+        assert "a (lowrank:4)" in r["lowrank_error"] and "'full' only" in r["lowrank_error"]
+
+
 # --------------------------------------------------------------------------- assignment
 def test_greedy_assign_is_deterministic_and_balanced():
     g = torch.Generator().manual_seed(0)

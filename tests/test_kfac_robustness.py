@@ -517,3 +517,45 @@ def test_deleting_the_optimizer_removes_its_hooks():
         model(data()[0]).sum()
     assert all(not layer.records for layer in layers)
     assert not model[0]._forward_hooks and not model[2]._forward_hooks
+
+
+def test_auto_is_accepted_in_any_case_as_the_other_structure_names():
+    model = mlp()
+    for spec in ("Auto", " AUTO ", {"0": "Auto", "2": "FULL"}):
+        opt = ngcuda.KFAC(model, factor_structure=spec)
+        assert opt._structures[id(opt._layers[0])] is None  # auto: chosen at the first update
+
+
+def test_a_provisional_automatic_choice_survives_a_checkpoint():
+    """A GCN with input dropout: the first update charges Cora's input as constant (full), the
+    second one re-chooses (low rank); a run resumed between the two must re-choose too."""
+    pytest.importorskip("torch_geometric")
+    from ngcuda.data import load_planetoid
+    from ngcuda.models import GCN
+
+    graph = load_planetoid("cora")
+    x = graph.x / graph.x.sum(1, keepdim=True).clamp(min=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = GCN(graph.num_features, 16, graph.num_classes, input_dropout=True)
+        return model, ngcuda.KFAC(model, inverse_every=1)
+
+    def step(model, opt):
+        opt.zero_grad()
+        out = model(x, graph.edge_index)
+        opt.set_outputs(out, mask=graph.train_mask)
+        F.cross_entropy(out[graph.train_mask], graph.y[graph.train_mask]).backward()
+        opt.step()
+
+    model, opt = fresh()
+    step(model, opt)
+    first = opt.layers()[0].structure
+    saved = copy.deepcopy(opt.state_dict())
+    step(model, opt)
+    assert opt.layers()[0].structure != first, "this test needs a provisional first choice"
+    model2, opt2 = fresh()
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(saved)
+    step(model2, opt2)
+    assert opt2.layers()[0].structure == opt.layers()[0].structure

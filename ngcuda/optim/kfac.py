@@ -518,6 +518,8 @@ class KFAC(torch.optim.Optimizer):
             "generators": generators,
             "structures": {layer.name: s.name for layer in self._layers
                            if (s := self._structures.get(id(layer))) is not None},
+            # automatic choices still to be confirmed at the layer's next update
+            "provisional": [layer.name for layer in self._layers if id(layer) in self._provisional],
         }
         if self.base_optimizer is not None:
             sd["base"] = self.base_optimizer.state_dict()
@@ -536,6 +538,11 @@ class KFAC(torch.optim.Optimizer):
                              "model does not have; registered: "
                              f"{', '.join(layer.name for layer in self._layers)} (for renamed "
                              "layers, rename the keys of state_dict['kfac']['structures'])")
+        if self._dist is not None:
+            structured = sorted(name for name, text in saved.items() if text != "full")
+            if structured:
+                raise ValueError(f"state_dict holds {', '.join(f'{n} ({saved[n]})' for n in structured)}"
+                                 "; distributed runs support factor_structure='full' only")
         previous = self.state, self.param_groups
         super().load_state_dict(sd)
         try:
@@ -550,12 +557,19 @@ class KFAC(torch.optim.Optimizer):
                                   for key, st in extra.get("generators", {}).items()}
         if base is not None:
             self.base_optimizer.load_state_dict(base)
+        provisional = set(extra.get("provisional", ()))
+        self._provisional = {id(layer) for layer in self._layers if layer.name in provisional}
         for i, layer in enumerate(self._layers):
             layer.a_signature = None
             layer.ekfac_cache = None
+            st = self.state[layer.weight]
+            for key in ("A", "G"):
+                # "another rank holds this basis" was true of the run that saved it, not of this
+                # one: without the flag a missing basis is decomposed again, by its owner here
+                if st.pop(f"{key}_remote", False):
+                    st[f"{key}_dirty"] = True
             if layer.name in saved:  # the factors are stored in that structure's form
                 self._structures[id(layer)] = parse_structure(saved[layer.name], self.seed + i)
-                st = self.state[layer.weight]
                 if "A_structure" in st:  # torch's loader rebuilt the string as an iterable
                     st["A_structure"] = saved[layer.name]
         self._reset_step_state()
@@ -606,7 +620,8 @@ class KFAC(torch.optim.Optimizer):
         out: dict[int, Any] = {}
         for i, layer in enumerate(self._layers):
             text = per[layer.name]
-            out[id(layer)] = None if text == "auto" else parse_structure(text, self.seed + i)
+            auto = isinstance(text, str) and text.strip().lower() == "auto"
+            out[id(layer)] = None if auto else parse_structure(text, self.seed + i)
             if self.ekfac and out[id(layer)] is not None and not out[id(layer)].batched:
                 self._warn(None, f"ekfac=True applies to full factors only; layer "
                                  f"'{layer.name}' ({text}) gets plain K-FAC scaling")
