@@ -434,3 +434,22 @@ def test_adaptive_damping_runs_with_every_structure():
             for _ in range(6):
                 o.step(closure)
         assert hasattr(o, "last_rho")
+
+
+def test_lowrank_basis_is_orthonormal_in_float32_with_fewer_rows_than_rank():
+    """5 rows, D = 41, r = 16: A has 6 non-zero eigenvalues, and the other 10 columns of the
+    Nyström basis come from rounding; in float32 they were far from orthonormal (‖UᵀU − I‖ 0.19),
+    which the preconditioner assumes."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 40)
+    s, st = LowRank(16, seed=0), {}
+    for _ in range(3):
+        s.blend(st, s.statistic([RowSource(x, None, True)], st, torch.float32, torch.device("cpu")),
+                0.9, "A" not in st)
+        s.take_eigh(st, [torch.linalg.eigh(0.5 * (m + m.T)) for m, _ in s.eigh_items(st)])
+    U = st["QA"]
+    assert float((U.T @ U - torch.eye(16)).norm()) <= 1e-5
+    xb = torch.cat([x.double(), torch.ones(5, 1, dtype=torch.float64)], 1)
+    A = xb.T @ xb / 5
+    model_A = s.right_apply(st, torch.eye(41)).double()
+    assert rel_err(model_A, A) <= 1e-5  # rank 6 ≤ r: the model is A itself
