@@ -27,8 +27,15 @@ def input_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     Kipf & Welling's sparse dropout): bag-of-words features are ~1% dense, and drawing N×F Bernoulli
     samples would dominate a full-batch GCN step.
     """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"input dropout probability must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
+    if p == 1.0:  # every entry dropped, as F.dropout (the rescaling below would be 0/0)
+        if x.layout == torch.sparse_csr:
+            return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), torch.zeros_like(x.values()),
+                                           size=x.shape, check_invariants=False)
+        return torch.zeros_like(x)
     if x.layout == torch.sparse_csr:
         keep = (torch.rand(x.values().shape, device=x.device) >= p).to(x.dtype) / (1.0 - p)
         return torch.sparse_csr_tensor(
@@ -70,11 +77,20 @@ class _CSRMatmul(torch.autograd.Function):
 class _CSRInputLinear(nn.Module):
     """Mixin body of :func:`csr_friendly`: CSR inputs go through :class:`_CSRMatmul`."""
 
+    _csr_base: type = nn.Module  # the Linear class it was made from, set by csr_friendly
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.layout == torch.sparse_csr and not x.requires_grad:
             out = _CSRMatmul.apply(x, self.weight)
             return out if self.bias is None else out + self.bias
         return super().forward(x)
+
+    def __reduce_ex__(self, protocol: int):
+        # The class is made at run time, so pickle (torch.save(model)) cannot find it by name:
+        # pickle the plain Linear it was made from, and make it CSR-friendly again on load.
+        plain = object.__new__(self._csr_base)
+        plain.__dict__.update(self.__dict__)
+        return csr_friendly, (plain,)
 
 
 _CSR_CLASSES: dict[type, type] = {}
@@ -88,7 +104,7 @@ def csr_friendly(lin: nn.Module) -> nn.Module:
         return lin
     new = _CSR_CLASSES.get(cls)
     if new is None:
-        new = type(f"CSR{cls.__name__}", (_CSRInputLinear, cls), {})
+        new = type(f"CSR{cls.__name__}", (_CSRInputLinear, cls), {"_csr_base": cls})
         _CSR_CLASSES[cls] = new
     lin.__class__ = new
     return lin

@@ -144,3 +144,35 @@ def test_input_dropout_off_leaves_the_features_alone(name):
     first.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     on(x, ei)
     assert not torch.equal(seen[0], x)
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_input_dropout_of_everything_and_bad_probabilities(layout):
+    x = torch.rand(6, 5) + 0.1
+    xin = x.to_sparse_csr() if layout == "csr" else x
+    out = input_dropout(xin, 1.0, training=True)
+    dense = out.to_dense() if layout == "csr" else out
+    assert torch.equal(dense, torch.zeros_like(x))  # as F.dropout(p=1): zeros, not 0/0
+    for p in (-0.5, 1.5):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+            input_dropout(xin, p, training=True)
+
+
+@pytest.mark.parametrize("name", ["gcn", "deep-gcn"])
+def test_models_with_csr_friendly_layers_pickle(name):
+    """torch.save(model): the CSR-friendly Linear classes are made at run time."""
+    import io
+
+    torch.manual_seed(0)
+    model = build_gnn(name, 10, 3, 8, 0.5, 3, False).eval()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False).eval()
+    x, ei = torch.rand(5, 10), torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])
+    assert torch.equal(loaded(x, ei), model(x, ei))
+    assert torch.equal(loaded(x.to_sparse_csr(), ei), model(x.to_sparse_csr(), ei))
+    assert type(loaded.modules().__next__()) is type(model)
+    lin = [m for m in loaded.modules() if type(m).__name__.startswith("CSR")]
+    assert lin and all(type(m) is type(n) for m, n in zip(
+        lin, [m for m in model.modules() if type(m).__name__.startswith("CSR")]))
