@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ngcuda import ops
+from ngcuda.ops import EighStatus
 
 from .growth import describe, growth
 from .plotting import Panel, Series, save
@@ -128,7 +129,9 @@ def bench_size(n: int, batch: int, args: argparse.Namespace, ceil: dict[str, Any
     for ours in ("ngcuda_cold", "ngcuda_warm"):
         for base in ("torch_stacked", "torch_looped"):
             row[f"speedup_{ours.split('_')[1]}_vs_{base.split('_')[1]}"] = row[f"{base}_ms"] / row[f"{ours}_ms"]
-    row["warm_not_converged"] = int((status != 0).sum())
+    # WARM_FALLBACK is a success solved cold; only the other non-OK codes are failures
+    row["warm_not_converged"] = int((~EighStatus.succeeded(status)).sum())
+    row["warm_fallback"] = int((status == int(EighStatus.WARM_FALLBACK)).sum())
     return row
 
 

@@ -55,7 +55,8 @@ def last_level_cache_bytes(device: torch.device | str = "cpu") -> int:
 
 
 def git_commit() -> tuple[Optional[str], Optional[bool]]:
-    """(short commit hash, whether tracked files differ from it), or Nones outside a checkout."""
+    """(short commit hash, whether tracked files differ from it), or Nones outside a checkout
+    (there ``NGCUDA_GIT_COMMIT`` names the commit, when set)."""
     def run(*args: str) -> Optional[str]:
         try:
             out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=10)
@@ -65,7 +66,9 @@ def git_commit() -> tuple[Optional[str], Optional[bool]]:
 
     commit = run("rev-parse", "--short", "HEAD")
     status = run("status", "--porcelain", "--untracked-files=no")
-    return (commit.strip() or None) if commit else None, None if status is None else bool(status.strip())
+    if not commit:  # a copy of the tree without .git (the device machine): the commit passed in
+        return os.environ.get("NGCUDA_GIT_COMMIT") or None, None
+    return commit.strip() or None, None if status is None else bool(status.strip())
 
 
 def load_average() -> Optional[list[float]]:

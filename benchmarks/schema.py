@@ -118,6 +118,8 @@ def problems(payload: dict[str, Any]) -> list[str]:
     out = [f"top: {k} missing" for k in TOP if k not in payload]
     env = payload.get("environment", {})
     out += [f"environment: {k} missing" for k in ENVIRONMENT if k not in env]
+    if "git_commit" in env and not env["git_commit"]:
+        out.append("environment: git_commit unknown (outside a checkout, set NGCUDA_GIT_COMMIT)")
     out += _positive(payload.get("ceilings", {}), CEILINGS, "ceilings")
     benchmarks = payload.get("benchmarks", {})
     if not benchmarks:

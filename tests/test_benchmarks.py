@@ -84,6 +84,18 @@ def test_schema_reports_gaps():
     assert "benchmarks: none" in schema.problems({})
     bad = {"benchmarks": {"precondition": {"models": [{"model": "m", "ngcuda_ms": float("nan")}]}}}
     assert any("ngcuda_ms" in p for p in schema.problems(bad))
+    assert any("git_commit unknown" in p for p in schema.problems({"environment": {"git_commit": None}}))
+
+
+def test_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
+    """The device machine gets a copy of the tree without .git: the commit is passed in."""
+    from benchmarks import environment
+
+    monkeypatch.setattr(environment, "ROOT", tmp_path)
+    monkeypatch.delenv("NGCUDA_GIT_COMMIT", raising=False)
+    assert environment.git_commit() == (None, None)
+    monkeypatch.setenv("NGCUDA_GIT_COMMIT", "abc1234")
+    assert environment.git_commit() == ("abc1234", None)
 
 
 def test_wide_quick_json(tmp_path):
