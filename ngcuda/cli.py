@@ -383,16 +383,15 @@ def _check_kfac_options(parser: argparse.ArgumentParser, optimizers: list[str], 
                 parser.error(f"--optimizers {name}: {e}")
 
 
-KFAC_ONLY = ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "fisher_type",
-             "factor_structure", "gcn_factoring", "adaptive_damping", "ekfac")
-
-
 def _warn_unused_kfac_options(args: argparse.Namespace, names: list[str]) -> None:
     """A K-FAC option given when no K-FAC variant runs does nothing: say so rather than let a user
     believe it was applied."""
+    from .train.optimizers import KFAC_OPTIONS, KFAC_SWITCHES
+
     if any(n.startswith("kfac") for n in names):
         return
-    given = [f"--{k.replace('_', '-')}" for k in KFAC_ONLY if getattr(args, k, None) not in (None, False)]
+    given = [f"--{k.replace('_', '-')}" for k in KFAC_OPTIONS + KFAC_SWITCHES
+             if getattr(args, k, None) not in (None, False)]
     if given:
         print(f"ngcuda {args.command}: note: {', '.join(given)} apply to the K-FAC variants only, and "
               f"none is in --optimizers {','.join(names)}", file=sys.stderr)
@@ -424,7 +423,7 @@ def _optimizer_settings(optimizers: list[str], opt_cfg) -> dict[str, dict]:
     ngcuda.KFAC's own (for metrics.json, so that a run can be repeated without knowing the defaults)."""
     import inspect
 
-    from .train.optimizers import kfac_available
+    from .train.optimizers import KFAC_OPTIONS, KFAC_SWITCHES, kfac_available
 
     kfac_defaults = {}
     if kfac_available():
@@ -439,11 +438,10 @@ def _optimizer_settings(optimizers: list[str], opt_cfg) -> dict[str, dict]:
         if name in ("sgd", "kfac", "kfac-sgd"):  # Adam and Adam-KFAC have no momentum setting
             row["momentum"] = cfg.momentum
         if name.startswith("kfac"):
-            for key in ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "fisher_type",
-                        "factor_structure", "gcn_factoring"):
+            for key in KFAC_OPTIONS:
                 value = cfg.kfac_option(key)
                 row[key] = kfac_defaults.get(key) if value is None else value
-            row["adaptive_damping"], row["ekfac"] = cfg.adaptive_damping, cfg.ekfac
+            row.update({key: getattr(cfg, key) for key in KFAC_SWITCHES})
         out[name] = row
     return out
 

@@ -29,6 +29,11 @@ KFAC_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+# The options only the K-FAC variants take: values passed to ngcuda.KFAC when set, and switches.
+KFAC_OPTIONS = ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "fisher_type",
+                "factor_structure", "gcn_factoring")
+KFAC_SWITCHES = ("adaptive_damping", "ekfac")
+
 PER_OPTIMIZER_FIELDS = ("lr", "momentum", "weight_decay", "damping", "factor_decay", "factor_every",
                         "inverse_every", "kl_clip", "fisher_type")
 
@@ -150,13 +155,8 @@ def make_optimizer(
         )
     import ngcuda
 
-    kfac_opts = {
-        k: cfg.kfac_option(k)
-        for k in ("damping", "factor_decay", "factor_every", "inverse_every", "kl_clip", "factor_structure",
-                  "fisher_type", "gcn_factoring")
-        if cfg.kfac_option(k) is not None
-    }
-    kfac_opts.update({k: True for k in ("adaptive_damping", "ekfac") if getattr(cfg, k)})
+    kfac_opts = {k: cfg.kfac_option(k) for k in KFAC_OPTIONS if cfg.kfac_option(k) is not None}
+    kfac_opts.update({k: True for k in KFAC_SWITCHES if getattr(cfg, k)})
     if seed is not None and "seed" in inspect.signature(ngcuda.KFAC).parameters:
         kfac_opts["seed"] = seed
     if name == "kfac":
