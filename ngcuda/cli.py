@@ -397,10 +397,26 @@ def _warn_unused_kfac_options(args: argparse.Namespace, names: list[str]) -> Non
               f"none is in --optimizers {','.join(names)}", file=sys.stderr)
 
 
+def _warn_unlisted_optimizer_values(args: argparse.Namespace, names: list[str]) -> None:
+    """A per-optimizer value (``--lr kfac-sgd=0.1``) for an optimizer not in --optimizers does
+    nothing, most often a typo of the one meant: say so."""
+    from .train.optimizers import PER_OPTIMIZER_FIELDS
+
+    for field in PER_OPTIMIZER_FIELDS:
+        value = getattr(args, field, None)
+        if isinstance(value, dict):
+            unused = [k for k in value if k != "*" and k not in names]
+            if unused:
+                print(f"ngcuda {args.command}: note: --{field.replace('_', '-')} gives a value for "
+                      f"{', '.join(unused)}, not in --optimizers {','.join(names)}; it is unused",
+                      file=sys.stderr)
+
+
 def _check_optimizers(parser: argparse.ArgumentParser, names: list[str], args: argparse.Namespace) -> None:
     from .train.optimizers import kfac_available
 
     _warn_unused_kfac_options(args, names)
+    _warn_unlisted_optimizer_values(args, names)
     wanted = [n for n in names if n.startswith("kfac")]
     if wanted and not kfac_available():
         parser.error(

@@ -206,6 +206,17 @@ def test_kfac_options_without_kfac_are_noted(tmp_path, capsys):
     assert "note" not in capsys.readouterr().err
 
 
+def test_values_for_unlisted_optimizers_are_noted(tmp_path, capsys):
+    assert main(["train", "--optimizers", "adam", "--epochs", "1", "--lr", "0.02,kfac-sgd=0.1",
+                 "--weight-decay", "sgd=0", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --lr gives a value for kfac-sgd, not in --optimizers adam" in err
+    assert "note: --weight-decay gives a value for sgd" in err
+    assert main(["train", "--optimizers", "adam,sgd", "--epochs", "1", "--lr", "adam=0.02,sgd=0.1",
+                 "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
 def test_parse_seeds():
     assert parse_seeds("3") == [0, 1, 2]
     assert parse_seeds("4,1") == [4, 1]
