@@ -83,6 +83,40 @@ def versioned_link_flags(lib_dirs: list[str], names: list[str]) -> list[str]:
     return flags
 
 
+def nvcc_version() -> tuple[int, int] | None:
+    import re
+    import subprocess
+
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_archs(archs: str) -> None:
+    """Fails before any compile, naming the entry, where nvcc would fail minutes into the build."""
+    version = nvcc_version()
+    if version is None or version < (13, 0):
+        return
+    too_old = []
+    for entry in archs.replace(";", " ").split():
+        number = entry.split("+")[0].rstrip("afAF")
+        try:
+            if float(number) < 7.5:
+                too_old.append(entry)
+        except ValueError:
+            continue  # a named architecture ("Ampere"): torch resolves it
+    if too_old:
+        sys.exit(
+            f"TORCH_CUDA_ARCH_LIST={archs!r}: nvcc {version[0]}.{version[1]} builds sm_75 and newer only, "
+            f"not {', '.join(too_old)}. Drop them (the default is {DEFAULT_ARCHS!r}), or build the CPU "
+            "kernels only with NGCUDA_CUDA=0."
+        )
+
+
 def extension():
     cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     cpu_sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
@@ -99,6 +133,7 @@ def extension():
         )
 
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    check_archs(archs)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     cuda_sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))

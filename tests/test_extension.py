@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,26 @@ from ngcuda import ops
 OPS = ["factor_update_", "sparse_factor_update_", "block_factor_update_",
        "sparse_block_factor_update_", "batched_eigh", "precondition"]
 FACTOR_OPS = OPS[:4]
+
+
+@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None,
+                    reason="needs a CUDA build of torch and nvcc, as the CUDA kernels' build does")
+def test_setup_refuses_architectures_nvcc_cannot_build():
+    # setup.py evaluates its extension for any command; --name compiles nothing
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NGCUDA_CUDA": "1"}
+    release = re.search(r"release (\d+)", subprocess.run(["nvcc", "--version"], capture_output=True,
+                                                          text=True).stdout)
+    if release is None or int(release.group(1)) < 13:
+        pytest.skip("nvcc before 13 builds sm_70")
+    bad = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True,
+                         text=True, timeout=300, env={**env, "TORCH_CUDA_ARCH_LIST": "7.0;9.0"})
+    assert bad.returncode != 0
+    assert "not 7.0" in bad.stderr and "NGCUDA_CUDA=0" in bad.stderr
+    good = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True,
+                          text=True, timeout=300, env={**env, "TORCH_CUDA_ARCH_LIST": "8.0;9.0a"})
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.strip().endswith("ngcuda")
 
 
 def test_build_info_reports_cpu_and_versions():
