@@ -285,11 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("train-ae", help="MNIST deep autoencoder, optimizers side by side",
                        description="Train the 784-1000-500-250-30 MNIST autoencoder with several optimizers. "
                        "Without --data-root the shipped 10k MNIST test images are used: 8000 train, 2000 test.")
-    a.add_argument("--init", choices=("default", "sparse"), default="default",
-                   help="weight init: torch's default, or the sparse init of Martens & Grosse (15 N(0,1) "
-                   "weights per unit, zero biases)")
+    a.add_argument("--init", choices=("default", "sparse"), default="sparse",
+                   help="weight init: the sparse init of Martens & Grosse (sparse, default: 15 N(0,1) "
+                   "weights per unit, zero biases), or torch's (default)")
     _mnist_options(a)
-    _common(a, default_epochs=10)
+    _common(a, default_epochs=30)
     a.set_defaults(_handler=cmd_train_ae, _parser=a)
 
     v = sub.add_parser("train-vae", help="MNIST variational autoencoder, optimizers side by side",

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("torch_geometric")
 
 import ngcuda  # noqa: E402
-from ngcuda.cli import main, parse_seeds  # noqa: E402
+from ngcuda.cli import build_parser, main, parse_seeds  # noqa: E402
 from ngcuda.train.optimizers import kfac_available  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,6 +280,21 @@ def test_train_ae_end_to_end(tmp_path, capsys, init):
     assert hist[-1]["train_bce"] < hist[0]["train_bce"] and hist[-1]["train_sq_err"] < hist[0]["train_sq_err"]
     assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 3
     assert (out / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
+def test_train_ae_defaults_are_the_readme_run(tmp_path):
+    out = tmp_path / "ae"
+    assert main(["train-ae", "--optimizers", "kfac,adam,sgd", "--epochs", "1", "--train-size", "200",
+                 "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["config"]["init"] == "sparse"
+    settings = payload["optimizer_settings"]
+    assert {k: settings["kfac"][k] for k in ("lr", "damping", "kl_clip", "momentum")} == \
+        {"lr": 0.1, "damping": 0.01, "kl_clip": 0.1, "momentum": 0.0}
+    assert settings["adam"]["lr"] == 1e-3 and settings["sgd"]["momentum"] == 0.9
+    defaults = build_parser().parse_args(["train-ae"])
+    assert (defaults.epochs, defaults.init) == (30, "sparse")
 
 
 @pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
