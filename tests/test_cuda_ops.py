@@ -98,9 +98,11 @@ def test_factor_update_invalid_weight_poisons_factor(bad):
     assert torch.isnan(f).all()
 
 
+@pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision"])
 @pytest.mark.parametrize("append_bias", [False, True])
-def test_factor_update_tf32_path(append_bias):
-    """float32 with torch.backends.cuda.matmul.allow_tf32: cuBLAS on tensor cores, same rules."""
+def test_factor_update_tf32_path(append_bias, api):
+    """float32 with TF32 allowed by the legacy flag or by torch's fp32_precision alone (with which
+    allowTF32CuBLAS() raises): cuBLAS on tensor cores, same rules."""
     gen = torch.Generator().manual_seed(9)
     N, d = 700, 90
     x = torch.randn(N, d, dtype=torch.float64, generator=gen)
@@ -112,8 +114,11 @@ def test_factor_update_tf32_path(append_bias):
     D = d + int(append_bias)
     factor = random_factor(D, torch.float32, gen)
     ref = reference.factor_update(factor.cpu(), x, 0.3, append_bias, w)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    old = torch.backends.cuda.matmul.fp32_precision
+    if api == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
         torch.ops.ngcuda.factor_update_(factor, x_in.float().to(DEV), 0.3, append_bias,
                                         w.float().to(DEV))
@@ -127,7 +132,7 @@ def test_factor_update_tf32_path(append_bias):
         torch.ops.ngcuda.factor_update_(poisoned, x_in.float().to(DEV), 0.3, append_bias, bad)
         assert torch.isnan(poisoned).all()
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        torch.backends.cuda.matmul.fp32_precision = old
     assert rel_err(factor, ref) <= 2e-3
     assert torch.equal(factor, factor.T)
 

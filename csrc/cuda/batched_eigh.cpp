@@ -252,6 +252,9 @@ void run_solver(const std::vector<int64_t>& group, int64_t n, bool batched,
                                       inf),
                      "cusolverDnXsyevd");
     }
+    // The call is asynchronous and cuSOLVER does not promise to be done with a host workspace
+    // when it returns; sizes that ask for one (rare) pay a sync rather than risk a freed buffer.
+    if (host_bytes > 0) C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
   C10_CUDA_CHECK(launch_solver_status(info.data_ptr<int>(), count, index_dev.data_ptr<int>(),
                                       status.data_ptr<int>(), stream));

@@ -33,7 +33,7 @@ NGCUDA_HD inline int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a
 // The Jacobi kernel computes in float64 for float32 inputs too: a float32 V accumulates one
 // rounding per rotation, and its ‖VᵀV − I‖_F reaches ~3e-4 at n = 150 (NumPy emulation of this
 // kernel), 30× LAPACK's float32 eigh. In float64 the returned float32 vectors are orthonormal to
-// float32 rounding. The price is 8 bytes per element: n ≤ 118 on H100 (227 KB), ≤ 101 on A100.
+// float32 rounding. The price is 8 bytes per element: n ≤ 119 on H100 (227 KB), ≤ 101 on A100.
 constexpr int64_t kJacobiElemSize = 8;
 
 // Shared-memory layout of the Jacobi kernel for one n×n matrix, byte offsets from the base.

@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 
@@ -29,7 +30,19 @@
 namespace ngcuda::cuda {
 namespace {
 
-// The TF32 path (float32 factors when torch.backends.cuda.matmul.allow_tf32 is set): the Gram
+// torch's own matmuls decide so since 2.9. allowTF32CuBLAS() raises there once a user has set
+// only the new torch.backends.cuda.matmul.fp32_precision, and ignores NoTF32Guard.
+bool tf32_matmul_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return !at::NoTF32Guard::should_disable_tf32() &&
+         at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+             at::Float32Precision::TF32;
+#else
+  return !at::NoTF32Guard::should_disable_tf32() && at::globalContext().allowTF32CuBLAS();
+#endif
+}
+
+// The TF32 path (float32 factors when torch allows TF32 in CUDA matmuls): the Gram
 // matrix from one cuBLAS GEMM on tensor cores (10-bit mantissa products, ~3e-4 relative error),
 // the bias column and Σw from reductions, all on the device, then the same blend.
 void factor_update_tf32(const at::Tensor& factor, const at::Tensor& x, double decay,
@@ -72,7 +85,7 @@ void factor_update_cuda(const at::Tensor& factor, const at::Tensor& x, double de
   const c10::cuda::CUDAGuard guard(factor.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor w = weights_as(row_weight, factor);
-  if (factor.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS()) {
+  if (factor.scalar_type() == at::kFloat && tf32_matmul_allowed()) {
     factor_update_tf32(factor, x, decay, append_bias, w, stream);
     return;
   }
