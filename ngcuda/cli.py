@@ -478,6 +478,7 @@ def _optimizer_config(args: argparse.Namespace, task: str, weight_decay: float):
         inverse_every=args.inverse_every, kl_clip=args.kl_clip, fisher_type=args.fisher_type,
         factor_structure=args.factor_structure, gcn_factoring=getattr(args, "gcn_factoring", None),
         adaptive_damping=args.adaptive_damping, ekfac=args.ekfac, task=task,
+        dist_timeout=args.dist_timeout if getattr(args, "distributed", False) else None,
     )
 
 

@@ -246,6 +246,138 @@ def _resume(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     return {"has_basis": has_basis, "lowrank_error": error}
 
 
+class _Branch(nn.Module):
+    """A data-dependent branch: ``b`` runs only when the batch asks for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        return self.a(x) + self.b(x) if use_b else self.a(x)
+
+
+def _edge_cases(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Cases where ranks used to disagree, hang or crash; each reports whether every rank ends
+    with the same parameters (or the property named)."""
+    import torch.distributed as dist
+
+    import ngcuda
+    from ngcuda.optim.distributed import DistributedOptions
+    from ngcuda.train.optimizers import OptimizerConfig, make_optimizer
+
+    def copies(t: torch.Tensor) -> list[torch.Tensor]:
+        flat = t.detach().reshape(-1).double()
+        out = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(out, flat)
+        return out
+
+    def same(model: nn.Module) -> bool:
+        c = copies(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        return all(torch.equal(c[0], x) for x in c)
+
+    def options() -> DistributedOptions:
+        return DistributedOptions(timeout=30.0)
+
+    res: dict[str, Any] = {}
+    # a layer that runs on rank 0 only at step 2
+    for mode in ("eigenbases", "gradients"):
+        torch.manual_seed(0)
+        model = _Branch()
+        opt = ngcuda.KFAC(model, inverse_every=1, fisher_type="empirical", kl_clip=None,
+                          distributed=DistributedOptions(broadcast=mode, timeout=30.0))
+        gen = torch.Generator().manual_seed(rank)
+        ok = True
+        for step in range(4):
+            x, y = torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x, not (step == 2 and rank == 1)), y).backward()
+            opt.step()
+            ok = ok and same(model)
+        res[f"branch-{mode}"] = ok
+    # a sparse gradient (an unpreconditioned nn.Embedding(sparse=True))
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4, sparse=True), "lin": nn.Linear(4, 3)})
+    opt = ngcuda.KFAC(model, inverse_every=1, fisher_type="empirical", distributed=options())
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        idx, y = torch.randint(0, 10, (8,), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model["lin"](model["emb"](idx)), y).backward()
+        opt.step()
+    res["sparse-grad"] = same(model)
+    # a constant CSR input: rank 1's mask is empty at step 1, so at step 2 rank 0 recomputes its A
+    gen = torch.Generator().manual_seed(rank)
+    x = ((torch.rand(10, 6, generator=gen) < 0.4).float() * torch.rand(10, 6, generator=gen))
+    x = x.to_sparse_csr()
+    y = torch.randint(0, 3, (10,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    opt = ngcuda.KFAC(model, inverse_every=1, factor_decay=0.0, distributed=options())
+    for step in range(3):
+        mask = torch.full((10,), not (rank == 1 and step == 1))
+        opt.zero_grad()
+        out = model(x)
+        opt.set_outputs(out, likelihood="categorical", mask=mask)
+        (F.cross_entropy(out[mask], y[mask]) if mask.any() else out.sum() * 0).backward()
+        opt.step()
+    res["csr-recompute"] = same(model)
+    # resumed from rank 0's checkpoint, the ranks still sample different true-Fisher targets
+    data = torch.randn(16, 5, generator=torch.Generator().manual_seed(9))
+    labels = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(8))
+    path = os.path.join(out_dir, "sampling.pt")
+
+    def sampled(resume: bool) -> bool:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        opt = ngcuda.KFAC(model, inverse_every=1, distributed=options())
+        if resume:
+            opt.load_state_dict(torch.load(path, weights_only=False))
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(data)
+            opt.set_outputs(out, likelihood="categorical")
+            F.cross_entropy(out, labels).backward()
+            opt.step()
+        if not resume and rank == 0:
+            torch.save(opt.state_dict(), path)
+        c = copies(opt._generators["cpu"].get_state())
+        return all(torch.equal(c[0], s) for s in c)
+
+    res["same-sampling-fresh"] = sampled(False)
+    dist.barrier()
+    res["same-sampling-resumed"] = sampled(True)
+    # a single-process checkpoint whose automatic choice ("full" for a constant input) was still
+    # to be confirmed: a distributed run must not choose again (it picked a low rank and crashed)
+    big = torch.rand(512, 200, generator=torch.Generator().manual_seed(3))
+    target = torch.randint(0, 4, (512,), generator=torch.Generator().manual_seed(4))
+    ckpt = os.path.join(out_dir, "provisional.pt")
+    if rank == 0:
+        torch.manual_seed(0)
+        single = nn.Linear(200, 4)
+        opt = ngcuda.KFAC(single, inverse_every=1, fisher_type="empirical", distributed=False)
+        opt.zero_grad()
+        F.cross_entropy(single(big), target).backward()
+        opt.step()
+        res["provisional-saved"] = opt.state_dict()["kfac"]["provisional"]
+        torch.save(opt.state_dict(), ckpt)
+    dist.barrier()
+    torch.manual_seed(0)
+    model = nn.Linear(200, 4)
+    opt = ngcuda.KFAC(model, inverse_every=1, fisher_type="empirical", distributed=options())
+    opt.load_state_dict(torch.load(ckpt, weights_only=False))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(big), target).backward()
+        opt.step()
+    res["provisional-structure"] = opt.layers()[0].structure
+    res["provisional-same"] = same(model)
+    # the main job's --dist-timeout reaches K-FAC
+    opt = make_optimizer("kfac", nn.Linear(3, 2), OptimizerConfig(dist_timeout=7.0))
+    res["timeout"] = opt._dist.options.timeout
+    return res
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import torch.distributed as dist
 
@@ -258,10 +390,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["cora"] = run_cora(rank, world)
     elif scenario == "resume":
         result = _resume(rank, world, out_dir)
+    elif scenario == "edge-cases":
+        result = _edge_cases(rank, world, out_dir)
     else:
         result = _fail_fast(scenario, rank, world)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario in ("runs", "resume"):
+    if scenario in ("runs", "resume", "edge-cases"):
         dist.barrier()
         dist.destroy_process_group()
     return 0

@@ -183,6 +183,22 @@ def test_resuming_a_gradients_broadcast_checkpoint_rebuilds_every_basis(tmp_path
         assert "a (lowrank:4)" in r["lowrank_error"] and "'full' only" in r["lowrank_error"]
 
 
+def test_ranks_agree_where_they_used_to_split_hang_or_crash(tmp_path):
+    """A layer run by one rank only (a data-dependent branch: it hung with broadcast="gradients"
+    and split the replicas with "eigenbases"), a sparse gradient (crashed), a constant CSR input
+    whose A one rank must recompute (crashed), a resume from rank 0's checkpoint (every rank then
+    sampled the same true-Fisher targets), a single-process checkpoint with an automatic choice
+    still open (chosen again as low rank: crashed), and --dist-timeout (not passed to K-FAC)."""
+    res = launch("edge-cases", tmp_path)
+    assert res[0]["provisional-saved"] == [""]  # the checkpoint does hold a choice still open
+    for r in res:
+        assert r["branch-eigenbases"] and r["branch-gradients"]
+        assert r["sparse-grad"] and r["csr-recompute"]
+        assert not r["same-sampling-fresh"] and not r["same-sampling-resumed"]
+        assert r["provisional-structure"] == "full" and r["provisional-same"]
+        assert r["timeout"] == 7.0
+
+
 # --------------------------------------------------------------------------- assignment
 def test_greedy_assign_is_deterministic_and_balanced():
     g = torch.Generator().manual_seed(0)

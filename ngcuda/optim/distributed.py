@@ -6,7 +6,9 @@ four points, each a plain SUM all-reduce or a broadcast (gloo on CPU, NCCL on GP
 
 1. **Gradients** (only when the model is not wrapped in DDP, which averages them already):
    ``g ← Σ_r n_r g_r / Σ_r n_r``, weighted by each rank's example count ``n_r``, because the loss is
-   a mean over the rank's own examples. Bucketed, asynchronous.
+   a mean over the rank's own examples. Bucketed, asynchronous. With them go which layers ran
+   forward on each rank (with DDP, in a tiny call of their own): a layer that ran on any rank is
+   preconditioned on every rank, so that all ranks treat the same layers alike.
 2. **Factors**, on factor-update steps: the local statistics are weighted and summed, so that the
    result equals the statistic of one process on the union of the data:
    ``A = Σ_r R_r A_r / Σ_r R_r`` (``R_r``: rows of the layer input on rank ``r``, since A is a row
@@ -223,31 +225,35 @@ class Communicator:
         return self.sum_async([t], what).wait()[0]
 
     # ------------------------------------------------------------------------- gradients
-    def average_gradients(self, params: Sequence[torch.nn.Parameter], n_local: Optional[float]
-                          ) -> Callable[[], None]:
+    def average_gradients(self, params: Sequence[torch.nn.Parameter], n_local: Optional[float],
+                          ran: Sequence[bool] = ()) -> Callable[[], list[float]]:
         """Launches ``Σ_r w_r g_r / Σ_r w_r`` (``w_r = n_r``, or 1 where the rank does not know its
         example count) over every parameter; returns the function that waits and writes ``.grad``.
         A parameter without a gradient on some rank counts as zero there; it gets a gradient if
-        any rank had one."""
+        any rank had one. A sparse gradient (``nn.Embedding(sparse=True)``) is summed dense and
+        comes back dense. ``ran``: per-layer flags summed over the ranks in the same call; the
+        returned function gives their sums."""
         w = 1.0 if n_local is None else float(n_local)
         ref = params[0]
-        has = torch.tensor([p.grad is not None for p in params] + [w], dtype=torch.float64,
-                           device=ref.device)
-        grads = [(p.grad * w if p.grad is not None else torch.zeros_like(p)) for p in params]
+        has = torch.tensor([p.grad is not None for p in params] + [float(r) for r in ran] + [w],
+                           dtype=torch.float64, device=ref.device)
+        grads = [(_dense(p.grad) * w if p.grad is not None else torch.zeros_like(p))
+                 for p in params]
         pending = self.sum_async(grads + [has], "the gradient all-reduce")
 
-        def finish() -> None:
+        def finish() -> list[float]:
             *sums, meta = pending.wait()
             total = float(meta[-1])
-            flags = meta[:-1].tolist()
+            flags = meta[:len(params)].tolist()
             for p, s, f in zip(params, sums, flags):
                 if not f:
                     continue
                 s = s / total if total > 0 else s
-                if p.grad is None:
+                if p.grad is None or p.grad.layout != torch.strided:
                     p.grad = s.clone()
                 else:
                     p.grad.copy_(s)
+            return meta[len(params):-1].tolist()
         return finish
 
     # --------------------------------------------------------------------------- factors
@@ -358,6 +364,10 @@ class Communicator:
                 out[i] = unpack(buf[off:off + n], sizes[i][1])
                 off += n
         return out
+
+
+def _dense(t: Tensor) -> Tensor:
+    return t if t.layout == torch.strided else t.to_dense()
 
 
 def _pack_eigh(r: Optional[tuple[Tensor, Tensor]], like: Tensor, buf: Tensor) -> None:

@@ -463,17 +463,28 @@ class KFAC(torch.optim.Optimizer):
         t = self._step
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
 
-        self._check_hooks()
         finish_grads = None
         if self._dist is not None:
             self._dist.step = t
+            ran = [layer.fired for layer in self._layers]
             if self._dist.average_grads:
+                n = self._examples()
+                if n is None:
+                    self._warn("dist-n", "the example count of this step is unknown (no "
+                                         "set_outputs call), so ranks' gradients are averaged with "
+                                         "equal weights; call set_outputs(outputs, mask=...) every "
+                                         "step (the empirical Fisher only counts there) to weight "
+                                         "them by their examples")
                 finish_grads = self._dist.average_gradients(
-                    [p for g in self.param_groups for p in g["params"]], self._examples())
+                    [p for g in self.param_groups for p in g["params"]], n, ran)
+            elif self._layers:
+                flags = torch.tensor(ran, dtype=torch.float64, device=self._layers[0].weight.device)
+                self._agree_ran(self._dist.sum_now(flags, "the layers-ran flags").tolist())
         if self._capture.active:
             self._update_factors(t)  # overlaps the gradient all-reduce
         if finish_grads is not None:
-            finish_grads()
+            self._agree_ran(finish_grads())
+        self._check_hooks()
         bad = self._nonfinite_grads()
         every = _checked_period("inverse_every", self.inverse_every, t)
         missing = any("A" in self.state[lay.weight] and not self._has_basis(lay, "A")
@@ -557,7 +568,9 @@ class KFAC(torch.optim.Optimizer):
                                   for key, st in extra.get("generators", {}).items()}
         if base is not None:
             self.base_optimizer.load_state_dict(base)
-        provisional = set(extra.get("provisional", ()))
+        # A distributed run is full-only and chooses nothing: a choice still to be confirmed by a
+        # single-process run that saved it would be made again here, and could pick a low rank.
+        provisional = set(extra.get("provisional", ())) if self._dist is None else set()
         self._provisional = {id(layer) for layer in self._layers if layer.name in provisional}
         for i, layer in enumerate(self._layers):
             layer.a_signature = None
@@ -683,6 +696,11 @@ class KFAC(torch.optim.Optimizer):
                 gen.manual_seed(self.seed)
             else:
                 gen.set_state(saved)
+                if self._dist is not None:
+                    # Every rank loaded the same state (rank 0's, or one process's): branch it by
+                    # rank, as seed + rank does for a fresh run, or all ranks sample alike.
+                    base = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+                    gen.manual_seed(base + self._dist.rank)
             self._generators[key] = gen
         return gen
 
@@ -713,6 +731,14 @@ class KFAC(torch.optim.Optimizer):
             else:
                 self._warn(None, f"registered layer '{layer.name}' ({layer.kind}) did not run "
                                  "during this step; its parameters are not updated")
+
+    def _agree_ran(self, counts: list[float]) -> None:
+        """Distributed: a layer that ran forward on any rank counts as run on this one too (its
+        averaged gradient is here), so every rank preconditions, and with broadcast="gradients"
+        exchanges, the same layers; a data-dependent branch would otherwise hang or split them."""
+        for layer, c in zip(self._layers, counts):
+            if c > 0:
+                layer.fired = True
 
     def _nonfinite_grads(self) -> set[int]:
         """Ids of parameters to leave untouched this step: their layer has a NaN/Inf gradient."""
@@ -799,10 +825,9 @@ class KFAC(torch.optim.Optimizer):
         return local, self._dist.average_factors(stats, templates)
 
     def _a_statistic(self, layer: KFACLayer, recs: list) -> Tensor:
+        # the local path's own rows (a CSR x or a GCN's ÂH stays implicit); distributed is full-only
         w = layer.weight
-        ta = torch.zeros(layer.a_size, layer.a_size, dtype=w.dtype, device=w.device)
-        layer.a_statistic(ta, recs)
-        return ta
+        return Full().statistic(layer.row_sources(recs), self.state[w], w.dtype, w.device)[0]
 
     def _averaged_statistics(self, t: int) -> list[tuple]:
         """Distributed: the statistics averaged over every rank, as :meth:`_factor_statistics`

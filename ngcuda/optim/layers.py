@@ -242,12 +242,6 @@ class KFACLayer:
         return [RowSource(r.x if is_csr(r.x) else r.x.reshape(-1, self.d_in), None,
                           self.bias is not None) for r in recs]
 
-    def a_statistic(self, out: Tensor, recs: list[_Record]) -> None:
-        """Writes mean ā āᵀ over all captured rows into ``out`` [a_size, a_size]."""
-        xs = [r.x.reshape(-1, self.d_in) for r in recs]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        ops.factor_update_(out, x, 0.0, self.bias is not None)
-
     def a_inputs_finite(self, recs: list[_Record]) -> list[Tensor]:
         return [r.x for r in recs]
 
@@ -402,20 +396,6 @@ class GCNLayer(KFACLayer):
     def row_sources(self, recs: list[_Record]) -> list[RowSource]:
         return [RowSource(r.x, self.adjacency(r).csr(r.x.shape[0], r.x.dtype),
                           self.bias is not None) for r in recs]
-
-    def a_statistic(self, out: Tensor, recs: list[_Record]) -> None:
-        """mean ā āᵀ with ā = [(ÂH)_i, 1] over all rows of all captured calls."""
-        total = sum(r.x.shape[0] for r in recs)
-        seen = 0
-        for r in recs:
-            adj = self.adjacency(r)
-            rows = r.x.shape[0]
-            # running mean over calls: decay = share of the rows already folded in
-            decay = seen / (seen + rows) if seen else 0.0
-            ops.sparse_factor_update_(out, adj.rowptr, adj.col, adj.value, r.x, decay,
-                                      self.bias is not None)
-            seen += rows
-        assert seen == total
 
     def a_count(self, recs: list[_Record]) -> int:
         return sum(r.x.shape[0] for r in recs)

@@ -61,6 +61,7 @@ class OptimizerConfig:
     adaptive_damping: bool = False
     ekfac: bool = False
     task: str = "gnn"
+    dist_timeout: float | None = None  # seconds K-FAC waits for a collective (--dist-timeout); None: its default
 
     def for_optimizer(self, name: str) -> "OptimizerConfig":
         """A copy with every per-optimizer dict replaced by the value for `name` (else its "*" entry, else
@@ -161,6 +162,11 @@ def make_optimizer(
     kfac_opts.update({k: True for k in KFAC_SWITCHES if getattr(cfg, k)})
     if seed is not None and "seed" in inspect.signature(ngcuda.KFAC).parameters:
         kfac_opts["seed"] = seed
+    if cfg.dist_timeout is not None and torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
+        from ..optim.distributed import DistributedOptions
+
+        kfac_opts["distributed"] = DistributedOptions(timeout=cfg.dist_timeout)
     if name == "kfac":
         return ngcuda.KFAC(model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kfac_opts)
     if name == "kfac-adam":
