@@ -372,6 +372,28 @@ def _edge_cases(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         opt.step()
     res["provisional-structure"] = opt.layers()[0].structure
     res["provisional-same"] = same(model)
+    # each rank resumes its own broadcast="gradients" checkpoint (each holds its own layers'
+    # eigenbases only), in either mode: the ranks must decompose the same matrices
+    x2 = torch.randn(32, 20, generator=torch.Generator().manual_seed(5))
+    y2 = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(6))
+    own = os.path.join(out_dir, f"own{rank}.pt")
+    for mode in ("gradients", "eigenbases"):
+        for resume in (False, True):
+            torch.manual_seed(1)
+            model = _Two()
+            opt = ngcuda.KFAC(model, inverse_every=10, distributed=DistributedOptions(
+                broadcast="gradients" if not resume else mode, timeout=30.0))
+            if resume:
+                opt.load_state_dict(torch.load(own, weights_only=False))
+            for _ in range(3):
+                opt.zero_grad()
+                out = model(x2)
+                opt.set_outputs(out, likelihood="categorical")
+                F.cross_entropy(out, y2).backward()
+                opt.step()
+            if not resume and mode == "gradients":
+                torch.save(opt.state_dict(), own)
+        res[f"own-checkpoint-{mode}"] = same(model)
     # the main job's --dist-timeout reaches K-FAC
     opt = make_optimizer("kfac", nn.Linear(3, 2), OptimizerConfig(dist_timeout=7.0))
     res["timeout"] = opt._dist.options.timeout

@@ -188,7 +188,9 @@ def test_ranks_agree_where_they_used_to_split_hang_or_crash(tmp_path):
     and split the replicas with "eigenbases"), a sparse gradient (crashed), a constant CSR input
     whose A one rank must recompute (crashed), a resume from rank 0's checkpoint (every rank then
     sampled the same true-Fisher targets), a single-process checkpoint with an automatic choice
-    still open (chosen again as low rank: crashed), and --dist-timeout (not passed to K-FAC)."""
+    still open (chosen again as low rank: crashed), each rank resuming its own broadcast="gradients"
+    checkpoint (different bases per rank: the decompositions hung), and --dist-timeout (not passed
+    to K-FAC)."""
     res = launch("edge-cases", tmp_path)
     assert res[0]["provisional-saved"] == [""]  # the checkpoint does hold a choice still open
     for r in res:
@@ -197,6 +199,7 @@ def test_ranks_agree_where_they_used_to_split_hang_or_crash(tmp_path):
         assert not r["same-sampling-fresh"] and not r["same-sampling-resumed"]
         assert r["provisional-structure"] == "full" and r["provisional-same"]
         assert r["timeout"] == 7.0
+        assert r["own-checkpoint-gradients"] and r["own-checkpoint-eigenbases"]
 
 
 # --------------------------------------------------------------------------- assignment

@@ -349,6 +349,7 @@ class KFAC(torch.optim.Optimizer):
             self._structures = {id(lay): Full() for lay in self._layers}
             self.seed += self._dist.rank
         self._pending_factors: Optional[tuple] = None
+        self._decompose_next = False  # set by a distributed load_state_dict
         self._step = 0
         self._generators: dict[str, torch.Generator] = {}
         # Sampling states from a checkpoint, by device type, taken by the generator of the first
@@ -489,7 +490,8 @@ class KFAC(torch.optim.Optimizer):
         every = _checked_period("inverse_every", self.inverse_every, t)
         missing = any("A" in self.state[lay.weight] and not self._has_basis(lay, "A")
                       for lay in self._layers)
-        if t % every == 0 or missing:
+        if t % every == 0 or missing or self._decompose_next:
+            self._decompose_next = False
             self._decompose(t)
         if self.ekfac and self._ekfac_rows:
             self._update_ekfac(t)
@@ -581,6 +583,12 @@ class KFAC(torch.optim.Optimizer):
                 # one: without the flag a missing basis is decomposed again, by its owner here
                 if st.pop(f"{key}_remote", False):
                     st[f"{key}_dirty"] = True
+                # Ranks may have loaded different checkpoints (each its own, broadcast=
+                # "gradients": each holds other bases); the factors agree, so every rank
+                # decomposes all of them again at the next step, in the same collective.
+                if self._dist is not None and key in st:
+                    st[f"{key}_dirty"] = True
+                    self._decompose_next = True
             if layer.name in saved:  # the factors are stored in that structure's form
                 self._structures[id(layer)] = parse_structure(saved[layer.name], self.seed + i)
                 if "A_structure" in st:  # torch's loader rebuilt the string as an iterable
