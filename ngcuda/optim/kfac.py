@@ -383,7 +383,10 @@ class KFAC(torch.optim.Optimizer):
             outputs: [N, ...] model outputs (logits / log-probs, means, or Bernoulli logits).
             likelihood: overrides the constructor's likelihood.
             mask: [N] bool mask, node indices, or non-negative row weights (e.g. pseudo-label
-                weights) of the rows the loss averages over; their total is ``n``.
+                weights) of the rows the loss averages over; their total is ``n``. The true
+                Fisher is then ``Σ_i w_i F_i / n``. The empirical Fisher takes the loss's own
+                gradient rows, which already carry the loss's weighting, so there a row
+                weighted w in the loss enters G as w² (as in Izadi et al.'s code).
             extra_terms: ``(tensor [N, ...], hessian)`` pairs for loss terms that are not a
                 likelihood of ``outputs`` but a convex function of ``tensor`` with per-row Hessian
                 diagonal ``hessian`` (e.g. a VAE's KL term: ``(μ, 1)``, ``(log σ², σ²/2)``);
@@ -402,6 +405,12 @@ class KFAC(torch.optim.Optimizer):
             return
         if not isinstance(outputs, Tensor):
             raise TypeError(f"outputs must be a Tensor, got {type(outputs).__name__}")
+        if self.fisher_type == "true" and outputs.dim() != 2 and \
+                (normalize_likelihood(likelihood) or self.likelihood) == "categorical":
+            # one categorical per row: [N, T, C] would be sampled as one over T·C classes
+            raise ValueError(f"categorical outputs must be [N, C] logits, got "
+                             f"{tuple(outputs.shape)}; for a sequence pass outputs.reshape(-1, C) "
+                             "(and a mask of that many rows)")
         ex = self._example_rows(outputs, mask)
         launch = self._dist is not None and self.fisher_type == "true" and self._capture.active
         if launch and self._n_examples is not None:

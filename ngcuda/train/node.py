@@ -81,7 +81,10 @@ def step_loss(y: torch.Tensor, train_mask: torch.Tensor, lam: float = 0.0
 
 def loss_row_weights(train_mask: torch.Tensor, lam: float = 0.0) -> torch.Tensor:
     """[N] weight of each node in the loss, for K-FAC's Fisher: 1 on training nodes, lam elsewhere
-    (Izadi et al.: n = |train| + λ_t·|rest|)."""
+    (Izadi et al.: n = |train| + λ_t·|rest|). This is Izadi et al.'s weighting, kept to reproduce
+    them. The loss itself (node_loss, also theirs) weighs a training node 1/|train| and another
+    node λ_t/|rest|: relative to a training node, the Fisher weighs the others |rest|/|train|
+    times more than the loss does (about 18× on Cora)."""
     w = train_mask.to(torch.float32)
     if lam > 0:
         w = w + lam * (~train_mask).to(torch.float32)
