@@ -663,6 +663,32 @@ def test_row_weights_give_a_weighted_mean_fisher():
     assert rel_err(Gs[1], Gs[0]) <= 1e-12 and torch.equal(Gs[2], Gs[0])
 
 
+def test_node_index_masks_count_repeats_and_take_negative_indices():
+    from ngcuda.optim.fisher import example_rows, row_weights
+
+    out = torch.zeros(5, 2)
+    idx = torch.tensor([0, 3, 3, -1])  # row 3 twice, row 4 as -1: as out[idx] counts them
+    assert row_weights(out, idx).tolist() == [1.0, 0.0, 0.0, 2.0, 1.0]
+    ex = example_rows(out, idx)
+    assert ex.total == 4.0 and not ex.unit  # weight 2 needs the √w scaling
+    assert example_rows(out, torch.tensor([4, 0])).unit
+    with pytest.raises(ValueError, match=r"node indices.*\[-5, 5\)"):
+        row_weights(out, torch.tensor([0, 5]))
+    # the sampled Fisher of the repeated index equals that of the same row weights
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    Gs = []
+    for mask in (torch.tensor([0, 2, 2, 5]), torch.tensor([1.0, 0, 2, 0, 0, 1], dtype=torch.float64)):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 4).double()
+        opt = ngcuda.KFAC(model, kl_clip=None, seed=5)
+        y = model(x)
+        opt.set_outputs(y, mask=mask)
+        y.sum().backward()
+        opt.step()
+        Gs.append(opt.state[model.weight]["G"])
+    assert rel_err(Gs[0], Gs[1]) <= 1e-12
+
+
 def test_mask_changed_in_place_is_seen_by_the_next_step():
     """The mask's rows are reused while the same tensor comes back: an in-place change must
     not leave the next step's sampled Fisher on the old rows."""

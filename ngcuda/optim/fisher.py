@@ -70,8 +70,13 @@ def row_weights(outputs: Tensor, mask: Optional[Tensor]) -> Tensor:
             raise ValueError(f"mask must be a bool tensor of shape [{n}], got {tuple(mask.shape)}")
         return mask.to(device=outputs.device, dtype=outputs.dtype)
     if not mask.dtype.is_floating_point:  # node indices
+        idx = mask.to(outputs.device).reshape(-1).long()
+        if idx.numel() and not (-n <= int(idx.min()) and int(idx.max()) < n):
+            raise ValueError(f"mask (node indices) must lie in [-{n}, {n}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        # a repeated index weighs as often as out[idx] repeats that row in the loss
         w = torch.zeros(n, dtype=outputs.dtype, device=outputs.device)
-        w[mask.to(outputs.device)] = 1.0
+        w.index_add_(0, torch.where(idx < 0, idx + n, idx), torch.ones_like(idx, dtype=w.dtype))
         return w
     if mask.shape != (n,):
         raise ValueError(f"mask must have shape [{n}], got {tuple(mask.shape)}")
@@ -99,7 +104,8 @@ def example_rows(outputs: Tensor, mask: Optional[Tensor]) -> ExampleRows:
     """:class:`ExampleRows` of ``outputs`` [N, ...] for a mask as :func:`row_weights` takes it."""
     w = row_weights(outputs, mask)
     rows = torch.nonzero(w > 0).flatten()
-    unit = mask is None or mask.dtype == torch.bool or not mask.dtype.is_floating_point
+    unit = mask is None or mask.dtype == torch.bool or (
+        not mask.dtype.is_floating_point and (w.numel() == 0 or float(w.max()) <= 1.0))
     return ExampleRows(w, rows, float(w.sum()), unit)
 
 

@@ -398,8 +398,10 @@ class KFAC(torch.optim.Optimizer):
         backward pass through the graph (which is retained for your backward); otherwise nothing.
 
         Gradient accumulation: for k micro-batches, call it after each forward (and backward
-        ``loss / k``), then ``step()`` once; the rows and example counts of every call add up, so
-        the factors are those of the full batch. (Not in distributed runs with the true Fisher.)
+        ``loss_j · n_j / n``, i.e. ``loss / k`` when they are of equal size, so that the gradient
+        is the full batch's mean), then ``step()`` once; the rows and example counts of every call
+        add up, so the factors are those of the full batch. (Not in distributed runs with the true
+        Fisher.)
         """
         if not self._capture.enabled:
             return
