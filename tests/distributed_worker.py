@@ -194,6 +194,19 @@ class _Two(nn.Module):
         return self.a(x) + self.b(x)
 
 
+def _fit(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int,
+         outputs: bool = True) -> None:
+    """``steps`` full-batch cross-entropy steps, giving K-FAC the logits first unless not
+    ``outputs`` (the empirical Fisher then counts nothing)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        if outputs:
+            opt.set_outputs(out, likelihood="categorical")
+        F.cross_entropy(out, y).backward()
+        opt.step()
+
+
 def _resume(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     """broadcast="gradients": 3 steps, rank 0's checkpoint, then both ranks resume from it for 3
     steps. Reports which layers have an eigenbasis on this rank after the resume, and the error
@@ -213,12 +226,7 @@ def _resume(rank: int, world: int, out_dir: str) -> dict[str, Any]:
                           distributed=DistributedOptions(broadcast="gradients", timeout=30.0))
         if resume_from is not None:
             opt.load_state_dict(torch.load(resume_from, weights_only=False))
-        for _ in range(3):
-            opt.zero_grad()
-            out = model(x)
-            opt.set_outputs(out, likelihood="categorical")
-            F.cross_entropy(out, y).backward()
-            opt.step()
+        _fit(model, opt, x, y, 3)
         return model, opt
 
     path = os.path.join(out_dir, "checkpoint.pt")
@@ -333,12 +341,7 @@ def _edge_cases(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         opt = ngcuda.KFAC(model, inverse_every=1, distributed=options())
         if resume:
             opt.load_state_dict(torch.load(path, weights_only=False))
-        for _ in range(2):
-            opt.zero_grad()
-            out = model(data)
-            opt.set_outputs(out, likelihood="categorical")
-            F.cross_entropy(out, labels).backward()
-            opt.step()
+        _fit(model, opt, data, labels, 2)
         if not resume and rank == 0:
             torch.save(opt.state_dict(), path)
         c = copies(opt._generators["cpu"].get_state())
@@ -356,9 +359,7 @@ def _edge_cases(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         torch.manual_seed(0)
         single = nn.Linear(200, 4)
         opt = ngcuda.KFAC(single, inverse_every=1, fisher_type="empirical", distributed=False)
-        opt.zero_grad()
-        F.cross_entropy(single(big), target).backward()
-        opt.step()
+        _fit(single, opt, big, target, 1, outputs=False)
         res["provisional-saved"] = opt.state_dict()["kfac"]["provisional"]
         torch.save(opt.state_dict(), ckpt)
     dist.barrier()
@@ -366,10 +367,7 @@ def _edge_cases(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     model = nn.Linear(200, 4)
     opt = ngcuda.KFAC(model, inverse_every=1, fisher_type="empirical", distributed=options())
     opt.load_state_dict(torch.load(ckpt, weights_only=False))
-    for _ in range(2):
-        opt.zero_grad()
-        F.cross_entropy(model(big), target).backward()
-        opt.step()
+    _fit(model, opt, big, target, 2, outputs=False)
     res["provisional-structure"] = opt.layers()[0].structure
     res["provisional-same"] = same(model)
     # each rank resumes its own broadcast="gradients" checkpoint (each holds its own layers'
@@ -385,12 +383,7 @@ def _edge_cases(rank: int, world: int, out_dir: str) -> dict[str, Any]:
                 broadcast="gradients" if not resume else mode, timeout=30.0))
             if resume:
                 opt.load_state_dict(torch.load(own, weights_only=False))
-            for _ in range(3):
-                opt.zero_grad()
-                out = model(x2)
-                opt.set_outputs(out, likelihood="categorical")
-                F.cross_entropy(out, y2).backward()
-                opt.step()
+            _fit(model, opt, x2, y2, 3)
             if not resume and mode == "gradients":
                 torch.save(opt.state_dict(), own)
         res[f"own-checkpoint-{mode}"] = same(model)

@@ -71,9 +71,10 @@ def row_weights(outputs: Tensor, mask: Optional[Tensor]) -> Tensor:
         return mask.to(device=outputs.device, dtype=outputs.dtype)
     if not mask.dtype.is_floating_point:  # node indices
         idx = mask.to(outputs.device).reshape(-1).long()
-        if idx.numel() and not (-n <= int(idx.min()) and int(idx.max()) < n):
-            raise ValueError(f"mask (node indices) must lie in [-{n}, {n}), got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
+        if idx.numel():
+            lo, hi = (int(v) for v in torch.aminmax(idx))  # one sync for both bounds
+            if not -n <= lo <= hi < n:
+                raise ValueError(f"mask (node indices) must lie in [-{n}, {n}), got [{lo}, {hi}]")
         # a repeated index weighs as often as out[idx] repeats that row in the loss
         w = torch.zeros(n, dtype=outputs.dtype, device=outputs.device)
         w.index_add_(0, torch.where(idx < 0, idx + n, idx), torch.ones_like(idx, dtype=w.dtype))
