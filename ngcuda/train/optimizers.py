@@ -14,7 +14,7 @@ OPTIMIZERS = ("adam", "sgd", "kfac", "kfac-adam", "kfac-sgd")
 # 0.9 barely moves a GCN on row-normalised features at 0.01 (Cora: loss 1.94 after 200 epochs), 0.2 learns.
 # The K-FAC variants follow ssp (Izadi et al.): inner Adam/SGD at 0.01. Autoencoder: Adam's usual 1e-3;
 # SGD needs a small step because the loss sums 784 pixels per image. VAE: Adam and Adam-KFAC 3e-3, the best of
-# {1e-3, 3e-3, 1e-2} on held-out training images (README).
+# {1e-3, 3e-3, 1e-2} on held-out training images (docs/autoencoders.md).
 DEFAULT_LR = {
     "gnn": {"adam": 0.01, "sgd": 0.2, "kfac": 0.1, "kfac-adam": 0.01, "kfac-sgd": 0.01},
     "ae": {"adam": 1e-3, "sgd": 1e-3, "kfac": 0.1, "kfac-adam": 1e-3, "kfac-sgd": 1e-3},
@@ -22,7 +22,7 @@ DEFAULT_LR = {
 }
 
 # K-FAC settings per task where ngcuda.KFAC's defaults (and momentum 0.9) do not fit. VAE, tuned on held-out
-# training images (README): the ELBO sums 784 pixels per image, so a GCN's KL trust region of 1e-3 keeps the
+# training images (docs/autoencoders.md): the ELBO sums 784 pixels per image, so a GCN's KL trust region of 1e-3 keeps the
 # steps ~30x too short; with it at 0.1, heavy-ball momentum makes the clipped steps overshoot, momentum 0 is steady.
 # The autoencoder's loss sums the same 784 pixels; this setting, with the sparse init, is the README's run.
 KFAC_DEFAULTS: dict[str, dict[str, float]] = {
