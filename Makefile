@@ -35,7 +35,7 @@ demo: build
 	$(BIN)/ngcuda train
 
 bench: build
-	$(BIN)/python -m benchmarks --quick
+	$(BIN)/python -m benchmarks all --quick
 
 # The C++ test, built with CMake against the installed torch (CPU kernels). A CUDA build of torch
 # makes find_package(Torch) look for the toolkit: point it at nvcc's toolkit and the wheels' NVRTC.

@@ -200,12 +200,13 @@ def _common(p: argparse.ArgumentParser, default_epochs: int, graphs: bool = Fals
     g = p.add_argument_group(
         "optimizer hyperparameters (K-FAC options default to the task's KFAC_DEFAULTS in ngcuda.train.optimizers, "
         "then to ngcuda.KFAC's own)",
-        "Each takes one VALUE for every optimizer, or a per-optimizer list NAME=VALUE,... where an unnamed "
-        "VALUE is the default for the others: --lr 0.01,kfac=0.05 --damping kfac=0.01,kfac-adam=1")
+        "--lr to --fisher-type each take one VALUE for every optimizer, or a per-optimizer list NAME=VALUE,... "
+        "where an unnamed VALUE is the default for the others: --lr 0.01,kfac=0.05 --damping kfac=0.01,kfac-adam=1; "
+        "--factor-structure, --gcn-factoring, --adaptive-damping and --ekfac apply to every K-FAC variant")
     g.add_argument("--lr", type=_per_optimizer(_positive_float), default=None,
                    help="learning rate (default: per optimizer, see ngcuda.train.optimizers)")
     g.add_argument("--momentum", type=_per_optimizer(_unit_float), default=None,
-                   help="SGD and K-FAC momentum (default 0.9; train-vae's kfac 0, see ngcuda.train.optimizers)")
+                   help="SGD and K-FAC momentum (default 0.9; train-ae's and train-vae's kfac 0, see ngcuda.train.optimizers)")
     g.add_argument("--weight-decay", type=_per_optimizer(_nonneg_float), default=None,
                    help="L2 coefficient (default: train 5e-4, train-ae and train-vae 0)")
     g.add_argument("--damping", type=_per_optimizer(_positive_float), default=None, help="K-FAC Tikhonov damping")

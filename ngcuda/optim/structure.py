@@ -491,7 +491,7 @@ AUTO_CANDIDATES = ("full", "lowrank:256", "lowrank:128", "lowrank:64", "lowrank:
 AUTO_FLOOR = 5e7
 # When none fits, the richest structure within this factor of the cheapest's work is taken: a
 # small factor of a GCN layer costs its ÂH whatever the structure (on Coauthor Physics' output
-# layer, D = 17, full is 5% dearer than diag, and diag was taken).
+# layer, D = 17, full is 5% dearer than diag: without the slack diag would be taken).
 AUTO_SLACK = 1.1
 
 
