@@ -413,16 +413,9 @@ def _warn_unlisted_optimizer_values(args: argparse.Namespace, names: list[str]) 
                       file=sys.stderr)
 
 
-def _check_optimizers(parser: argparse.ArgumentParser, names: list[str], args: argparse.Namespace) -> None:
-    from .train.optimizers import kfac_available
-
+def _warn_about_options(names: list[str], args: argparse.Namespace) -> None:
     _warn_unused_kfac_options(args, names)
     _warn_unlisted_optimizer_values(args, names)
-    wanted = [n for n in names if n.startswith("kfac")]
-    if wanted and not kfac_available():
-        parser.error(
-            f"--optimizers {','.join(wanted)}: this build of ngcuda has no ngcuda.KFAC yet; use --optimizers adam,sgd"
-        )
 
 
 def _progress(total: int, quiet: bool):
@@ -440,14 +433,12 @@ def _optimizer_settings(optimizers: list[str], opt_cfg) -> dict[str, dict]:
     ngcuda.KFAC's own (for metrics.json, so that a run can be repeated without knowing the defaults)."""
     import inspect
 
-    from .train.optimizers import KFAC_OPTIONS, KFAC_SWITCHES, kfac_available
+    import ngcuda
 
-    kfac_defaults = {}
-    if kfac_available():
-        import ngcuda
+    from .train.optimizers import KFAC_OPTIONS, KFAC_SWITCHES
 
-        kfac_defaults = {k: p.default for k, p in inspect.signature(ngcuda.KFAC).parameters.items()
-                         if p.default is not inspect.Parameter.empty}
+    kfac_defaults = {k: p.default for k, p in inspect.signature(ngcuda.KFAC).parameters.items()
+                     if p.default is not inspect.Parameter.empty}
     out = {}
     for name in optimizers:
         cfg = opt_cfg.for_optimizer(name)
@@ -538,7 +529,7 @@ def _mnist_job(parser: argparse.ArgumentParser, args: argparse.Namespace, defaul
     """Checks the options and reads MNIST as train-ae and train-vae do: --data-root's 60k/10k files, or the
     shipped 10k split 8000/2000; --train-size keeps the first N. None (after a message) when data is missing."""
     optimizers = args.optimizers or default_optimizers
-    _check_optimizers(parser, optimizers, args)
+    _warn_about_options(optimizers, args)
     device = _device(parser, args.device)
     try:
         x_train, _ = load_mnist(args.data_root, train=True)
@@ -580,7 +571,7 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"--{flag.replace('_', '-')} is not supported with --distributed")
     optimizers = args.optimizers or ["kfac", "adam"]
     seeds = args.seeds or [0]
-    _check_optimizers(parser, optimizers, args)
+    _warn_about_options(optimizers, args)
     _device(parser, args.device)
     try:
         import torch_geometric  # noqa: F401

@@ -14,7 +14,6 @@ pytest.importorskip("torch_geometric")
 
 import ngcuda  # noqa: E402
 from ngcuda.cli import build_parser, main, parse_seeds  # noqa: E402
-from ngcuda.train.optimizers import kfac_available  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,19 +69,10 @@ def test_argument_errors(argv, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
-@pytest.mark.skipif(kfac_available(), reason="ngcuda.KFAC exists")
-def test_kfac_missing_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--epochs", "1"])  # the default optimizers include kfac
-    assert e.value.code == 2
-    assert "no ngcuda.KFAC" in capsys.readouterr().err
-
-
 def _no_training(*args, **kwargs):
     raise AssertionError("training started although the options were bad")
 
 
-@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
 @pytest.mark.parametrize("argv,message", [
     (["--optimizers", "adam,kfac", "--factor-structure", "conv3=diag"], "unknown layer.*conv3"),
     (["--gcn-factoring", "input", "--factor-structure", "conv1=diag"], r"conv1.*registered: conv1\.lin"),
@@ -282,7 +272,6 @@ def test_train_ae_end_to_end(tmp_path, capsys, init):
     assert (out / "curves.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
 def test_train_ae_defaults_are_the_readme_run(tmp_path):
     out = tmp_path / "ae"
     assert main(["train-ae", "--optimizers", "kfac,adam,sgd", "--epochs", "1", "--train-size", "200",
@@ -297,7 +286,6 @@ def test_train_ae_defaults_are_the_readme_run(tmp_path):
     assert (defaults.epochs, defaults.init) == (30, "sparse")
 
 
-@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
 @pytest.mark.parametrize("opt", ["kfac", "kfac-adam", "kfac-sgd"])
 def test_train_with_kfac(tmp_path, opt):
     out = tmp_path / opt
@@ -306,7 +294,6 @@ def test_train_with_kfac(tmp_path, opt):
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
 
 
-@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
 @pytest.mark.parametrize("spec,expected", [
     ("lowrank:32", ["lowrank:32", "lowrank:32"]),
     ("conv1=diag,conv2=full", ["diag", "full"]),
@@ -321,7 +308,6 @@ def test_train_factor_structure(tmp_path, spec, expected):
     assert run["history"][-1]["train_loss"] < run["history"][0]["train_loss"]
 
 
-@pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
 @pytest.mark.parametrize("factoring,expected", [
     (None, ["conv1: gcn, A 1434x1434", "conv2: gcn, A 17x17"]),
     ("aggregated", ["conv1: gcn, A 1434x1434", "conv2: gcn, A 17x17"]),
@@ -434,11 +420,7 @@ def test_make_optimizer():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 0.3 and sgd.defaults["momentum"] == 0.9
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("lbfgs", model, OptimizerConfig())
-    if not kfac_available():
-        with pytest.raises(RuntimeError, match="ngcuda.KFAC"):
-            make_optimizer("kfac", model, OptimizerConfig())
-    else:
-        assert isinstance(make_optimizer("kfac-adam", model, OptimizerConfig()), ngcuda.KFAC)
+    assert isinstance(make_optimizer("kfac-adam", model, OptimizerConfig()), ngcuda.KFAC)
 
 
 def test_best_epoch_by_validation_loss():
@@ -502,7 +484,7 @@ def test_train_options_reach_the_model_and_optimizer(tmp_path, monkeypatch):
     out = tmp_path / "o"
     n = torch.get_num_threads()
     try:
-        assert main(["train", "--optimizers", "kfac-adam" if kfac_available() else "adam", "--epochs", "3",
+        assert main(["train", "--optimizers", "kfac-adam", "--epochs", "3",
                      "--device", "cpu", "--no-input-dropout", "--select", "val-loss", "--fisher-type", "empirical",
                      "--kl-clip", "0", "--threads", "1", "--out", str(out), "--quiet"]) == 0
         assert torch.get_num_threads() == 1
@@ -513,10 +495,9 @@ def test_train_options_reach_the_model_and_optimizer(tmp_path, monkeypatch):
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["config"]["input_dropout"] is False and payload["config"]["select"] == "val-loss"
     assert payload["selection"].startswith("test accuracy at the epoch of lowest validation loss")
-    if kfac_available():
-        opt = optimizers.make_optimizer("kfac", torch.nn.Linear(3, 2),
-                                        optimizers.OptimizerConfig(fisher_type="empirical", kl_clip=0.0))
-        assert opt.fisher_type == "empirical" and opt.param_groups[0]["kl_clip"] == 0.0
+    opt = optimizers.make_optimizer("kfac", torch.nn.Linear(3, 2),
+                                    optimizers.OptimizerConfig(fisher_type="empirical", kl_clip=0.0))
+    assert opt.fisher_type == "empirical" and opt.param_groups[0]["kl_clip"] == 0.0
     with pytest.raises(SystemExit):
         main(["train", "--fisher-type", "exact"])
 
@@ -539,9 +520,8 @@ def test_per_optimizer_hyperparameters(tmp_path):
     assert cfg.for_optimizer("kfac").damping is None and cfg.for_optimizer("kfac-adam").damping == 1.0
     sgd = make_optimizer("sgd", torch.nn.Linear(3, 2), cfg)
     assert sgd.defaults["momentum"] == 0.5 and sgd.defaults["weight_decay"] == 0.0
-    if kfac_available():
-        opt = make_optimizer("kfac-adam", torch.nn.Linear(3, 2), cfg)
-        assert opt.param_groups[0]["damping"] == 1.0
+    opt = make_optimizer("kfac-adam", torch.nn.Linear(3, 2), cfg)
+    assert opt.param_groups[0]["damping"] == 1.0
     with pytest.raises(SystemExit):
         main(["train", "--lr", "kfac=-1"])
     with pytest.raises(SystemExit):

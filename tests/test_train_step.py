@@ -15,11 +15,9 @@ import ngcuda  # noqa: E402
 from ngcuda.cli import main  # noqa: E402
 from ngcuda.models import build_gnn  # noqa: E402
 from ngcuda.train.node import node_loss, step_loss, train_step  # noqa: E402
-from ngcuda.train.optimizers import kfac_available  # noqa: E402
 from ngcuda.train.step import optimizer_step  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-needs_kfac = pytest.mark.skipif(not kfac_available(), reason="ngcuda.KFAC not built yet")
 
 
 class TwiceEvaluating(torch.optim.SGD):
@@ -79,7 +77,6 @@ def test_step_loss_keeps_the_first_calls_pseudo_labels():
     torch.testing.assert_close(step_loss(y, train)(second), node_loss(second, y, train))
 
 
-@needs_kfac
 def test_damping_adaptation_under_dropout_sees_a_trustworthy_model():
     # Tiny steps under a large damping: the quadratic model predicts the loss change (ρ ≈ 1) only
     # if both evaluations use the same dropout mask; with fresh masks ρ is noise.
@@ -102,7 +99,6 @@ def test_damping_adaptation_under_dropout_sees_a_trustworthy_model():
     assert opt.param_groups[0]["damping"] == pytest.approx(10.0 * (19 / 20) ** 4)
 
 
-@needs_kfac
 @pytest.mark.parametrize("command", ["train", "train-ae", "train-vae"])
 def test_adaptive_damping_and_ekfac_flags_reach_kfac(tmp_path, monkeypatch, command):
     import ngcuda.train.autoencoder as autoencoder
@@ -142,7 +138,6 @@ def test_fisher_row_weights():
     torch.testing.assert_close(fisher_row_weights(train, 0.0, "all"), torch.ones(5))
 
 
-@needs_kfac
 @pytest.mark.parametrize("fisher_nodes", ["loss", "all"])
 def test_fisher_nodes_reach_kfac_set_outputs(tmp_path, monkeypatch, fisher_nodes):
     import ngcuda.train.node as node
@@ -169,7 +164,6 @@ def test_fisher_nodes_reach_kfac_set_outputs(tmp_path, monkeypatch, fisher_nodes
     assert [r["optimizer"] for r in json.loads((out / "metrics.json").read_text())["runs"]] == ["kfac", "adam"]
 
 
-@needs_kfac
 def test_fisher_nodes_all_changes_the_output_factor_and_rejects_the_empirical_fisher():
     import ngcuda.train.node as node
     from ngcuda.data import load_graph

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .autoencoder import AEConfig, ae_loss, ae_train_step, train_autoencoder
 from .metrics import summarise_ae_runs, summarise_node_runs, summarise_vae_runs, write_metrics
 from .node import NodeConfig, loss_row_weights, node_loss, pseudo_label_weight, train_node_classifier, train_step
-from .optimizers import OPTIMIZERS, OptimizerConfig, kfac_available, make_optimizer, parse_optimizers
+from .optimizers import OPTIMIZERS, OptimizerConfig, make_optimizer, parse_optimizers
 from .plot import plot_runs, plot_vae_grid
 from .vae import VAEConfig, negative_elbo, train_vae, vae_train_step
 
@@ -16,7 +16,6 @@ __all__ = [
     "OptimizerConfig",
     "ae_loss",
     "ae_train_step",
-    "kfac_available",
     "loss_row_weights",
     "make_optimizer",
     "negative_elbo",

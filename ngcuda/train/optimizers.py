@@ -111,12 +111,6 @@ def parse_per_optimizer(text: str, convert: Callable[[str], Any]) -> Any:
     return out
 
 
-def kfac_available() -> bool:
-    import ngcuda
-
-    return hasattr(ngcuda, "KFAC")
-
-
 def parse_optimizers(text: str) -> list[str]:
     """'kfac,adam' -> ['kfac', 'adam']; ValueError naming the unknown entry otherwise."""
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
@@ -151,11 +145,6 @@ def make_optimizer(
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
-    if not kfac_available():
-        raise RuntimeError(
-            f"optimizer {name!r} needs ngcuda.KFAC, which this build of ngcuda does not provide yet; "
-            "use --optimizers adam,sgd"
-        )
     import ngcuda
 
     kfac_opts = {k: cfg.kfac_option(k) for k in KFAC_OPTIONS if cfg.kfac_option(k) is not None}
