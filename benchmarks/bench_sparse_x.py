@@ -182,22 +182,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         graphs = ["coauthor-cs", "coauthor-physics"]
     else:
         graphs = ["synthetic"]
-    rows = []
+    path = None if args.json == "-" else (
+        Path(args.json) if args.json else RESULTS / f"cpu-sparse-x{'-quick' if args.quick else ''}.json")
+    rows: list[dict] = []
+    payload = {"benchmark": "sparse-x", "quick": args.quick, "complete": False, "environment": environment("cpu"),
+               "rows": rows}
     for name in graphs:
-        rows += run_graph(name, args.data_root, args.block, args.quick, not args.no_memory)
-    by_key = {(r["graph"], r["case"], r["runner"]): r for r in rows}
-    for r in rows:
-        other = by_key.get((r["graph"], r["case"], "torch"))
-        if r["runner"] == "ngcuda" and other:
-            r["speedup_vs_torch"] = other["ms"] / r["ms"]
+        graph_rows = run_graph(name, args.data_root, args.block, args.quick, not args.no_memory)
+        by_key = {(r["case"], r["runner"]): r for r in graph_rows}
+        for r in graph_rows:
+            other = by_key.get((r["case"], "torch"))
+            if r["runner"] == "ngcuda" and other:
+                r["speedup_vs_torch"] = other["ms"] / r["ms"]
+        rows += graph_rows
+        if path is not None:  # an interrupted run keeps the graphs it finished
+            write_json(path, payload)
     print()
     print_table([r for r in rows if r["runner"] == "ngcuda"],
                 ["graph", "case", "ms", "speedup_vs_torch", "peak_mib", "rel_err_f32_vs_f64",
                  "load_1min"])
-    env = environment("cpu")
-    payload = {"benchmark": "sparse-x", "quick": args.quick, "environment": env, "rows": rows}
-    if args.json != "-":
-        path = Path(args.json) if args.json else RESULTS / f"cpu-sparse-x{'-quick' if args.quick else ''}.json"
+    payload["complete"] = True
+    if path is not None:
         write_json(path, payload)
         print(f"\nwrote {path}")
     return payload

@@ -182,15 +182,31 @@ def _plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def _describe(r: dict) -> str:
+    """One progress line for a finished configuration."""
+    head = f"{r['graph']} {r['structure']}:"
+    if "error" in r:
+        return f"{head} failed: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}"
+    if r.get("skipped"):
+        return f"{head} skipped (estimated {r['est_step_s']:.0f} s a step; --force runs it)"
+    ratio = f", {r['ratio_vs_adam']:.2f}x Adam's step" if "ratio_vs_adam" in r else ""
+    chosen = f" [{'; '.join(r['layers'])}]" if r.get("layers") else ""
+    return f"{head} {r['step_ms']:.1f} ms{ratio}, peak {r['peak_mib']:.0f} MiB{chosen}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks wide",
-                                 description=__doc__.splitlines()[0])
-    ap.add_argument("--graphs", default=",".join(GRAPHS))
-    ap.add_argument("--structures", default=",".join(STRUCTURES))
-    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "npz")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--timeout", type=float, default=900.0)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks wide", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated graphs")
+    ap.add_argument("--structures", default=",".join(STRUCTURES),
+                    help="comma-separated factor structures (ngcuda.KFAC's factor_structure); Adam always runs")
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "npz",
+                    help="folder of the gnn-benchmark npz files (Cora and CiteSeer ship with ngcuda)")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps first; at least 2, because the automatic structure of a layer whose "
+                    "input changes (input dropout) is settled at its second factor update")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps of each optimizer")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds allowed to one configuration")
     ap.add_argument("--force", action="store_true", help="also run the hopeless configurations")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads in each child (0: torch's default); 1 avoids OpenMP "
@@ -202,45 +218,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="K-FAC adapts its damping (ngcuda.KFAC's adaptive_damping): one more forward "
                     "every 5 steps; use --steps 10 or more and read mean_ratio_vs_adam")
     ap.add_argument("--out", "--json", dest="out", default=str(RESULTS / "cpu-wide.json"),
-                    help="JSON path ('-' writes nothing)")
-    ap.add_argument("--quick", action="store_true", help="Cora only, auto and diag, 2 steps")
+                    help="JSON path, rewritten after every configuration ('-' writes nothing)")
+    ap.add_argument("--quick", action="store_true", help="Cora only, auto and diag, 2 warm-up and 2 timed steps")
     args = ap.parse_args(argv)
     if args.quick:
-        args.graphs, args.structures, args.warmup, args.steps = "cora", "auto,diag", 1, 2
+        args.graphs, args.structures, args.warmup, args.steps = "cora", "auto,diag", 2, 2
+    if args.warmup < 2:
+        ap.error(f"--warmup {args.warmup}: at least 2 (the automatic structure is settled at a layer's "
+                 "second factor update; timing earlier steps would time a provisional choice)")
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: at least 1")
     graphs = [g for g in args.graphs.split(",") if g]
     structures = [s for s in args.structures.split(",") if s]
-    rows: list[dict] = []
+    result = {"benchmark": "wide", "quick": args.quick, "complete": False, "environment": environment("cpu"),
+              "child_threads": args.threads or "torch default", "gcn_factoring": args.gcn_factoring,
+              "adaptive_damping": args.adaptive_damping,
+              "note": "measured on a shared 2-core machine; see load_average",
+              "workload": __doc__.split("Workload:")[1].split("Each (graph")[0].strip(),
+              "results": []}
+    rows: list[dict] = result["results"]
+    total = len(graphs) * (1 + len(structures))
+
+    def record(r: dict) -> None:
+        rows.append(r)
+        print(f"[{len(rows)}/{total}] {_describe(r)}", flush=True)
+        result["load_average_1_5_15"] = os.getloadavg()
+        if args.out != "-":  # an interrupted run keeps what it measured
+            write_json(args.out, result)
+
     for graph in graphs:
         base = _run_child(graph, "adam", args)
-        rows.append(base)
+        record(base)
         for s in structures:
             if (graph, s) in HOPELESS and not args.force:
-                rows.append({"graph": graph, "structure": s, "skipped": True,
-                             **_estimate(graph, s)})
+                record({"graph": graph, "structure": s, "skipped": True, **_estimate(graph, s)})
                 continue
             r = _run_child(graph, s, args)
             if "peak_mib" in r and "peak_mib" in base:
                 r["extra_mib"] = r["peak_mib"] - base["peak_mib"]
-            rows.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k not in ("step_ms_all",)}),
-                  flush=True)
+            record(r)
     print_table([r for r in rows if "step_ms" in r],
                 ["graph", "structure", "step_ms", "adam_step_ms", "ratio_vs_adam", "mean_ratio_vs_adam",
                  "first_s", "peak_mib"])
-    load = os.getloadavg()
-    result = {"benchmark": "wide", "quick": args.quick, "environment": environment("cpu"),
-              "child_threads": args.threads or "torch default", "gcn_factoring": args.gcn_factoring,
-              "adaptive_damping": args.adaptive_damping,
-              "load_average_1_5_15": load,
-              "note": "measured on a shared 2-core machine; see load_average",
-              "workload": __doc__.split("Workload:")[1].split("Each (graph")[0].strip(),
-              "results": rows}
+    result["complete"] = True
     if args.out != "-":
         path = write_json(args.out, result)
         _plot(rows, path.with_suffix(".png"))
         print(f"wrote {path}")
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -105,6 +105,8 @@ def _run(names: Sequence[str], per_benchmark: dict[str, argparse.Namespace], arg
     if load and env["logical_cpus"] and load[0] > 0.5 * env["logical_cpus"]:
         print(f"warning: the machine is busy (load {load[0]:.1f} on {env['logical_cpus']} CPUs); "
               "timings will be slower and noisier than on a quiet machine")
+    if args.quick:
+        print(QUICK_NOTE)
     ceil = ceilings.measure(args.device, quick=args.quick)
     print(f"ceilings: {ceil['memory_bandwidth_gbs']:.1f} GB/s copy, {ceil['matmul_gflops']:.0f} GFLOP/s "
           "float32 matmul")
@@ -135,8 +137,12 @@ def _run(names: Sequence[str], per_benchmark: dict[str, argparse.Namespace], arg
         for name, png in pngs.items():
             module(name).plot(sections[name], ceil, png, label)
         print(f"\nwrote {json_path} and {', '.join(p.name for p in pngs.values())}")
-    print(f"total {payload['wall_seconds']:.0f} s")
+    print(f"total {payload['wall_seconds']:.0f} s" + (f"; {QUICK_NOTE}" if args.quick else ""))
     return payload
+
+
+QUICK_NOTE = ("quick run: tiny sizes and few repeats, to check the harness; its ratios and growth fits "
+              "are not measurements")
 
 
 def usage() -> str:

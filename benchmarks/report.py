@@ -44,5 +44,7 @@ def clean(obj: Any) -> Any:
 def write_json(path: Path | str, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(payload), indent=2, allow_nan=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(payload), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)  # a reader, or an interrupted run, never sees half a file
     return path

@@ -154,6 +154,9 @@ def markdown(data: dict[str, Any], path: str) -> str:
     lines += [f"| {a} | {b} |" for a, b in rows]
     lines += ["", "Growth (fitted log-log slopes, stored in the JSON under `growth`):", ""]
     lines += [f"- {s}" for s in growth_sentences(data)]
+    if data.get("quick"):
+        lines[1:1] = ["", "**A quick run** (tiny sizes, few repeats, to check the harness): these ratios and "
+                      "growth fits are not measurements."]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ import datetime
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -491,6 +492,7 @@ def _side_by_side(
         for seed in seeds:
             for name in optimizers:
                 bar.set_description(f"{name} seed {seed}")
+                bar.set_postfix_str("", refresh=False)  # the previous run's numbers are not this one's
 
                 def tick(row: dict) -> None:
                     bar.update(1)
@@ -574,7 +576,9 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _warn_about_options(optimizers, args)
     _device(parser, args.device)
     try:
-        import torch_geometric  # noqa: F401
+        with warnings.catch_warnings():  # torch_geometric's own use of torch.jit.script, not ours to fix
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            import torch_geometric  # noqa: F401
     except ImportError:
         print("ngcuda train: error: the GNN models need torch_geometric: pip install torch-geometric",
               file=sys.stderr)
@@ -741,7 +745,7 @@ def cmd_train_vae(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     metrics = "per image, one z sample per image from a fixed noise seed: neg_elbo = bce + kl"
     runs = _side_by_side(
         job.optimizers, job.seeds, args, train_one,
-        lambda row: {"elbo": f"{-row['train_neg_elbo']:.1f}", "ce": f"{row['test_bce']:.1f}"},
+        lambda row: {"train_neg_elbo": f"{row['train_neg_elbo']:.1f}", "test_ce": f"{row['test_bce']:.1f}"},
         lambda done: write_metrics(out, job.payload(args, opt_cfg, None, done, metrics=metrics)),
     )
     summary = summarise_vae_runs(runs, args.time_budget)

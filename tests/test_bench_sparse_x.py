@@ -10,6 +10,7 @@ from benchmarks import bench_sparse_x
 
 def test_sparse_x_quick_runs_every_case():
     data = bench_sparse_x.main(["--quick", "--json", "-", "--no-memory"])
+    assert data["complete"] is True
     rows = data["rows"]
     assert {(r["case"], r["runner"]) for r in rows} == {
         (case, runner) for case, runner, _ in bench_sparse_x.CASES}

@@ -98,7 +98,7 @@ def test_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypa
     assert environment.git_commit() == ("abc1234", None)
 
 
-def test_wide_quick_json(tmp_path):
+def test_wide_quick_json(tmp_path, capsys):
     from benchmarks import bench_wide
 
     def _finite_positive(v) -> bool:
@@ -114,7 +114,21 @@ def test_wide_quick_json(tmp_path):
         assert _finite_positive(r["step_ms"]) and _finite_positive(r["peak_mib"]), r
     assert _finite_positive(rows["auto"]["ratio_vs_adam"])
     assert any("diag" in line for line in rows["diag"]["layers"])
+    # timed after the automatic choice settled: input dropout makes Cora's input layer low-rank at
+    # its second factor update (the first, provisional, choice treats the input as constant: full)
+    assert "lowrank:16" in rows["auto"]["layers"][0], rows["auto"]["layers"]
+    assert data["complete"] is True
     assert out.with_suffix(".png").stat().st_size > 1000
+    assert capsys.readouterr().out.count("] cora ") == 3  # one progress line per configuration
+
+
+def test_wide_refuses_a_warmup_that_would_time_a_provisional_choice(tmp_path, capsys):
+    from benchmarks import bench_wide
+
+    with pytest.raises(SystemExit):
+        bench_wide.main(["--warmup", "1", "--json", str(tmp_path / "w.json")])
+    assert "second factor update" in capsys.readouterr().err
+    assert not (tmp_path / "w.json").exists()
 
 
 def test_wide_worker_adapts_damping_when_asked():
@@ -249,3 +263,4 @@ def test_summary_of_a_results_file(quick_all, capsys):
     assert summary_main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "| `factor_update_`" in out and "O(N·d²)" in out and "O(n³)" in out
+    assert "**A quick run**" in out  # quick numbers are labelled as such

@@ -13,7 +13,7 @@ import ngcuda
 from ngcuda.cli import main
 from ngcuda.models import VAE
 from ngcuda.optim.fisher import probe_term
-from ngcuda.train.metrics import summarise_vae_runs
+from ngcuda.train.metrics import summarise_vae_runs, vae_table
 from ngcuda.train.vae import elbo_terms, kl_divergence, negative_elbo, vae_errors, vae_train_step
 
 pytestmark = [pytest.mark.filterwarnings("ignore:ngcuda. no compiled:RuntimeWarning"),
@@ -144,6 +144,10 @@ def test_vae_summary_budget_and_epochs_to_reference():
     assert s["adam"]["epochs_to_reference"]["epoch"] == 4
     assert s["kfac"]["at_budget"]["epoch"] == 1 and s["kfac"]["at_budget"]["test_bce"] == 130
     assert summarise_vae_runs(runs, budget_seconds=0.5)["adam"]["at_budget"] is None
+    # the printed table says what its '-' cells mean
+    table = vae_table(summarise_vae_runs(runs, budget_seconds=0.5))
+    assert "'-': none was" in table and "adam's final test CE" in table
+    assert "adam, the reference, was not among" in vae_table(summarise_vae_runs(runs[1:]))
 
 
 # ----------------------------------------------------------------------------------- end to end

@@ -287,7 +287,12 @@ def vae_table(summary: dict[str, dict[str, Any]]) -> str:
     first = next(iter(summary.values()), None)
     budget = f"{first['budget_seconds']:.0f}s" if first else "budget"
     ref = first["reference"] if first and first["reference"] else "reference"
-    return format_table(
+    table = format_table(
         ["optimizer", "epochs", "test -ELBO", "test CE", "test sq.err", "test KL",
          f"epoch@{budget}", f"-ELBO@{budget}", f"CE@{budget}", f"epochs to {ref} CE", "s/epoch", "seeds"], rows
     )
+    notes = [f"@{budget}: the last epoch finished within {budget} of training ('-': none was)"]
+    notes.append(f"epochs to {ref} CE: the first epoch at or below {ref}'s final test CE"
+                 if first and first["reference"] else
+                 "epochs to reference CE: '-' because adam, the reference, was not among the optimizers")
+    return table + "\n" + "\n".join(notes)
